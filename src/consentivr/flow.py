@@ -1,0 +1,617 @@
+"""The consent call flow as a pure state machine (sans-IO).
+
+Events go in (:meth:`CallFlow.handle`), commands come out. There is no ``await``
+and no I/O here: the ARI and FastAGI adapters run the commands and feed back what
+happened. Every transition is listed in ``TRANSITIONS``; a pair that is not
+listed is ignored on purpose (a late digit after the decision, a stale timer).
+
+Privacy by default: silence, invalid keys past the retries, a hang-up, or any
+failure reported with :class:`Failed` leave every consent purpose without a yes,
+and recording starts only after :class:`DecisionLogged` says the row is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from consentivr.model import Decision, Destination, Flow, Prompt, Purpose
+
+DAY = 86400.0
+MENU_DEADLINE = "menu-deadline"
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    at: float
+
+
+@dataclass(frozen=True)
+class DigitPressed:
+    digit: str
+    at: float
+
+
+@dataclass(frozen=True)
+class PlaybackFinished:
+    playback_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    timer_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class HungUp:
+    at: float
+
+
+@dataclass(frozen=True)
+class DecisionLogged:
+    """The adapter's answer to :class:`LogDecision`: was the row durably committed?"""
+
+    ok: bool
+    at: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordingStarted:
+    """The adapter's answer to :class:`StartRecording`: did Asterisk confirm it?"""
+
+    ok: bool
+    at: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A command of ours failed (playback, answer, continue...)."""
+
+    reason: str
+    at: float
+
+
+Event = (
+    CallStarted
+    | DigitPressed
+    | PlaybackFinished
+    | TimerFired
+    | HungUp
+    | DecisionLogged
+    | RecordingStarted
+    | Failed
+)
+EVENT_TYPES: tuple[type, ...] = (
+    CallStarted,
+    DigitPressed,
+    PlaybackFinished,
+    TimerFired,
+    HungUp,
+    DecisionLogged,
+    RecordingStarted,
+    Failed,
+)
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    pass
+
+
+@dataclass(frozen=True)
+class Play:
+    playback_id: str
+    media: tuple[str, ...]
+    language: str
+
+
+@dataclass(frozen=True)
+class StopPlayback:
+    playback_id: str
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    timer_id: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    timer_id: str
+
+
+@dataclass(frozen=True)
+class KeyPress:
+    digit: str
+    at: float
+    step: str  # "language", "notice" or a purpose name
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """Everything the consent log keeps about one call's decision."""
+
+    call_id: str
+    channel_id: str
+    linkedid: str
+    channel_name: str
+    caller: str | None
+    flow: str
+    language: str
+    notice_version: str
+    started_at: float
+    decided_at: float
+    keys: tuple[KeyPress, ...]
+    decisions: Mapping[str, Decision]
+    retention_until: Mapping[str, float]  # epoch seconds, per purpose
+    recording_path: str | None  # set only when recording is allowed
+    outcome: str  # completed | abandoned | error: <reason>
+
+
+@dataclass(frozen=True)
+class LogDecision:
+    record: DecisionRecord
+
+
+@dataclass(frozen=True)
+class StartRecording:
+    path: str
+
+
+@dataclass(frozen=True)
+class MarkRecording:
+    """Tell the log whether recording was confirmed started."""
+
+    call_id: str
+    confirmed: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SetVariables:
+    variables: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Continue:
+    destination: Destination
+
+
+@dataclass(frozen=True)
+class Hangup:
+    pass
+
+
+Command = (
+    Answer
+    | Play
+    | StopPlayback
+    | StartTimer
+    | CancelTimer
+    | LogDecision
+    | StartRecording
+    | MarkRecording
+    | SetVariables
+    | Continue
+    | Hangup
+)
+
+
+# --- states -----------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    START = "start"
+    LANGUAGE_PROMPT = "language_prompt"  # the language menu is playing
+    LANGUAGE_WAIT = "language_wait"  # waiting for a language key
+    NOTICE = "notice"  # the privacy notice is playing
+    QUESTION_PROMPT = "question_prompt"  # a purpose's question is playing
+    QUESTION_WAIT = "question_wait"  # waiting for the answer key
+    LOGGING = "logging"  # waiting for the decision to be committed
+    RECORDING = "recording"  # waiting for Asterisk to confirm MixMonitor
+    DONE = "done"  # continued into the dialplan, or hung up
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Identity of the call, from the adapter. ``call_id`` is ours, never caller data."""
+
+    call_id: str
+    channel_id: str  # Asterisk uniqueid of the caller's channel
+    linkedid: str = ""
+    channel_name: str = ""
+    caller: str | None = None
+
+
+@dataclass
+class _Progress:
+    language: str
+    purpose_index: int = 0
+    attempts: int = 0  # attempts used on the current step
+    keys: list[KeyPress] = field(default_factory=list)
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    playback_id: str | None = None
+    timer_id: str | None = None
+    started_at: float = 0.0
+    outcome: str = "completed"
+    hung_up: bool = False
+    recording_path: str | None = None
+
+
+Handler = Callable[["CallFlow", Event], list[Command]]
+
+
+class CallFlow:
+    """One call through one flow. Feed it events; run the commands it returns."""
+
+    def __init__(self, flow: Flow, call: CallInfo, recordings_dir: str) -> None:
+        self.flow = flow
+        self.call = call
+        self.recordings_dir = recordings_dir.rstrip("/")
+        self.phase = Phase.START
+        self._p = _Progress(language=flow.languages[0])
+        self._counter = 0
+
+    # -- public ----------------------------------------------------------
+
+    @property
+    def language(self) -> str:
+        return self._p.language
+
+    @property
+    def decisions(self) -> Mapping[str, Decision]:
+        return dict(self._p.decisions)
+
+    @property
+    def keys(self) -> tuple[KeyPress, ...]:
+        return tuple(self._p.keys)
+
+    def handle(self, event: Event) -> list[Command]:
+        handler = TRANSITIONS.get((self.phase, type(event)))
+        if handler is None:
+            return []
+        return handler(self, event)
+
+    # -- helpers ---------------------------------------------------------
+
+    def _next_id(self, kind: str) -> str:
+        self._counter += 1
+        return f"{self.call.call_id}-{kind}{self._counter}"
+
+    def _play(self, prompts: list[Prompt]) -> list[Command]:
+        media = tuple(m for prompt in prompts for m in prompt.media)
+        self._p.playback_id = self._next_id("p")
+        return [Play(self._p.playback_id, media, self._p.language)]
+
+    def _stop_playback(self) -> list[Command]:
+        pid, self._p.playback_id = self._p.playback_id, None
+        return [StopPlayback(pid)] if pid else []
+
+    def _start_wait(self, seconds: float) -> list[Command]:
+        self._p.timer_id = self._next_id("t")
+        return [StartTimer(self._p.timer_id, seconds)]
+
+    def _cancel_wait(self) -> list[Command]:
+        tid, self._p.timer_id = self._p.timer_id, None
+        return [CancelTimer(tid)] if tid else []
+
+    def _is_current_playback(self, event: Event) -> bool:
+        return isinstance(event, PlaybackFinished) and event.playback_id == self._p.playback_id
+
+    def _is_current_timer(self, event: Event) -> bool:
+        return isinstance(event, TimerFired) and event.timer_id == self._p.timer_id
+
+    @property
+    def _purpose(self) -> Purpose:
+        return self.flow.purposes[self._p.purpose_index]
+
+    def _invalid_prompt(self) -> list[Prompt]:
+        prompt = self.flow.invalid.get(self._p.language)
+        return [prompt] if prompt else []
+
+    # -- steps -----------------------------------------------------------
+
+    def _ask_language(self, again: bool) -> list[Command]:
+        menu = self.flow.language_menu
+        assert menu is not None
+        self.phase = Phase.LANGUAGE_PROMPT
+        return self._play([*(self._invalid_prompt() if again else []), menu.prompt])
+
+    def _play_notice(self) -> list[Command]:
+        self.phase = Phase.NOTICE
+        return self._play([self.flow.notice[self._p.language]])
+
+    def _ask_question(self, again: bool = False) -> list[Command]:
+        if self._p.purpose_index >= len(self.flow.purposes):
+            return self._decide()
+        self.phase = Phase.QUESTION_PROMPT
+        question = self._purpose.question[self._p.language]
+        return self._play([*(self._invalid_prompt() if again else []), question])
+
+    def _answer_purpose(self, decision: Decision) -> list[Command]:
+        self._p.decisions[self._purpose.name] = decision
+        self._p.purpose_index += 1
+        self._p.attempts = 0
+        return self._ask_question()
+
+    def _retry_or(self, give_up: Callable[[], list[Command]], ask: Callable[[bool], list[Command]],
+                  retries: int) -> list[Command]:
+        if self._p.attempts < retries:
+            self._p.attempts += 1
+            return ask(True)
+        return give_up()
+
+    def _decide(self) -> list[Command]:
+        """All questions are done (or the call ended): log first, record only after."""
+        for purpose in self.flow.purposes:
+            self._p.decisions.setdefault(purpose.name, self._fallback_decision(purpose))
+        rec = self.flow.recording_purpose
+        allow_recording = (
+            rec is not None
+            and self._p.outcome == "completed"
+            and self._p.decisions[rec.name].allows_processing
+        )
+        self._p.recording_path = (
+            f"{self.recordings_dir}/{self.call.call_id}.wav" if allow_recording else None
+        )
+        self.phase = Phase.LOGGING
+        return [*self._stop_playback(), *self._cancel_wait(), CancelTimer(MENU_DEADLINE),
+                LogDecision(self._record(decided_at=self._last_at))]
+
+    def _fallback_decision(self, purpose: Purpose) -> Decision:
+        if self._p.outcome == "abandoned":
+            return Decision.ABANDONED
+        if self._p.outcome != "completed":
+            return Decision.ERROR
+        return purpose.silent_decision
+
+    def _record(self, decided_at: float) -> DecisionRecord:
+        c = self.call
+        return DecisionRecord(
+            call_id=c.call_id,
+            channel_id=c.channel_id,
+            linkedid=c.linkedid or c.channel_id,
+            channel_name=c.channel_name,
+            caller=c.caller,
+            flow=self.flow.name,
+            language=self._p.language,
+            notice_version=self.flow.notice_version(self._p.language),
+            started_at=self._p.started_at,
+            decided_at=decided_at,
+            keys=tuple(self._p.keys),
+            decisions=dict(self._p.decisions),
+            retention_until={
+                p.name: decided_at + p.retention_days * DAY for p in self.flow.purposes
+            },
+            recording_path=self._p.recording_path,
+            outcome=self._p.outcome,
+        )
+
+    def _variables(self, logged: bool) -> SetVariables:
+        decisions = self._p.decisions
+        rec = self.flow.recording_purpose
+        recording = bool(
+            logged and rec is not None and self._p.recording_path
+            and decisions[rec.name].allows_processing
+        )
+        pairs = [
+            ("CONSENTIVR_CALL_ID", self.call.call_id),
+            ("CONSENTIVR_LANGUAGE", self._p.language),
+            ("CONSENTIVR_LOGGED", "yes" if logged else "no"),
+            ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
+        ]
+        for name, decision in decisions.items():
+            # Only a committed row may tell the dialplan that processing is allowed.
+            value = decision.value if logged else Decision.ERROR.value
+            pairs.append((f"CONSENTIVR_{name.upper()}", value))
+        return SetVariables(tuple(pairs))
+
+    def _finish(self, logged: bool) -> list[Command]:
+        self.phase = Phase.DONE
+        if self._p.hung_up:
+            return []
+        return [self._variables(logged), Continue(self.flow.destination)]
+
+    # -- transition handlers ----------------------------------------------
+
+    _last_at: float = 0.0
+
+    def on_start(self, event: Event) -> list[Command]:
+        assert isinstance(event, CallStarted)
+        self._p.started_at = self._last_at = event.at
+        cmds: list[Command] = [Answer(), StartTimer(MENU_DEADLINE, self.flow.max_menu_seconds)]
+        if self.flow.language_menu is not None and len(self.flow.languages) > 1:
+            return cmds + self._ask_language(again=False)
+        return cmds + self._play_notice()
+
+    def on_language_digit(self, event: Event) -> list[Command]:
+        assert isinstance(event, DigitPressed)
+        self._last_at = event.at
+        menu = self.flow.language_menu
+        assert menu is not None
+        self._p.keys.append(KeyPress(event.digit, event.at, "language"))
+        cmds = self._stop_playback() + self._cancel_wait()
+        language = menu.keys.get(event.digit)
+        if language is not None:
+            self._p.language = language
+            self._p.attempts = 0
+            return cmds + self._play_notice()
+        return cmds + self._retry_or(self._play_notice, self._ask_language, menu.retries)
+
+    def on_language_prompt_done(self, event: Event) -> list[Command]:
+        if not self._is_current_playback(event):
+            return []
+        menu = self.flow.language_menu
+        assert menu is not None
+        self._p.playback_id = None
+        self.phase = Phase.LANGUAGE_WAIT
+        return self._start_wait(menu.timeout)
+
+    def on_language_timeout(self, event: Event) -> list[Command]:
+        if not self._is_current_timer(event):
+            return []
+        menu = self.flow.language_menu
+        assert menu is not None
+        self._p.timer_id = None
+        return self._retry_or(self._play_notice, self._ask_language, menu.retries)
+
+    def on_notice_digit(self, event: Event) -> list[Command]:
+        """Barge-in: a key during the notice skips to the first question.
+
+        The key is logged but is not taken as an answer: consent is given to a
+        question the caller has heard, never to one they skipped.
+        """
+        assert isinstance(event, DigitPressed)
+        self._last_at = event.at
+        self._p.keys.append(KeyPress(event.digit, event.at, "notice"))
+        return self._stop_playback() + self._ask_question()
+
+    def on_notice_done(self, event: Event) -> list[Command]:
+        if not self._is_current_playback(event):
+            return []
+        self._p.playback_id = None
+        return self._ask_question()
+
+    def _answer_digit(self, event: DigitPressed) -> list[Command]:
+        purpose = self._purpose
+        self._p.keys.append(KeyPress(event.digit, event.at, purpose.name))
+        decision = purpose.decide(event.digit)
+        if decision is not None:
+            return self._answer_purpose(decision)
+        return self._retry_or(
+            lambda: self._answer_purpose(purpose.silent_decision),
+            self._ask_question,
+            purpose.retries,
+        )
+
+    def on_question_digit(self, event: Event) -> list[Command]:
+        assert isinstance(event, DigitPressed)
+        self._last_at = event.at
+        return self._stop_playback() + self._cancel_wait() + self._answer_digit(event)
+
+    def on_question_prompt_done(self, event: Event) -> list[Command]:
+        if not self._is_current_playback(event):
+            return []
+        self._p.playback_id = None
+        self.phase = Phase.QUESTION_WAIT
+        return self._start_wait(self._purpose.timeout)
+
+    def on_question_timeout(self, event: Event) -> list[Command]:
+        if not self._is_current_timer(event):
+            return []
+        self._last_at = event.at
+        self._p.timer_id = None
+        purpose = self._purpose
+        return self._retry_or(
+            lambda: self._answer_purpose(purpose.silent_decision),
+            self._ask_question,
+            purpose.retries,
+        )
+
+    def on_menu_deadline(self, event: Event) -> list[Command]:
+        assert isinstance(event, TimerFired)
+        if event.timer_id != MENU_DEADLINE:
+            return self._dispatch_timer(event)
+        self._last_at = event.at
+        # The whole menu took too long: remaining consent purposes stay without a yes.
+        return self._decide()
+
+    def _dispatch_timer(self, event: TimerFired) -> list[Command]:
+        if self.phase is Phase.LANGUAGE_WAIT:
+            return self.on_language_timeout(event)
+        return self.on_question_timeout(event)
+
+    def on_hangup_in_menu(self, event: Event) -> list[Command]:
+        assert isinstance(event, HungUp)
+        self._last_at = event.at
+        self._p.hung_up = True
+        self._p.outcome = "abandoned"
+        cmds = self._decide()
+        # Nothing to stop on a dead channel; keep only the log write.
+        return [c for c in cmds if isinstance(c, LogDecision | CancelTimer)]
+
+    def on_hangup_late(self, event: Event) -> list[Command]:
+        self._p.hung_up = True
+        return []
+
+    def on_failure_in_menu(self, event: Event) -> list[Command]:
+        assert isinstance(event, Failed)
+        self._last_at = event.at
+        self._p.outcome = f"error: {event.reason}"
+        # Any error of ours: nothing answered counts any more.
+        self._p.decisions = {p.name: Decision.ERROR for p in self.flow.purposes}
+        return self._decide()
+
+    def on_logged(self, event: Event) -> list[Command]:
+        assert isinstance(event, DecisionLogged)
+        if not event.ok or self._p.hung_up or self._p.recording_path is None:
+            if not event.ok:
+                self._p.recording_path = None
+            return self._finish(logged=event.ok)
+        self.phase = Phase.RECORDING
+        return [StartRecording(self._p.recording_path)]
+
+    def on_recording_started(self, event: Event) -> list[Command]:
+        assert isinstance(event, RecordingStarted)
+        if not event.ok:
+            self._p.recording_path = None
+        mark = MarkRecording(self.call.call_id, event.ok, event.error)
+        return [mark, *self._finish(logged=True)]
+
+    def on_failure_after_menu(self, event: Event) -> list[Command]:
+        """Continue itself failed: do not leave the caller hanging in our app."""
+        assert isinstance(event, Failed)
+        if self.phase is Phase.DONE and not self._p.hung_up:
+            self._p.hung_up = True
+            return [Hangup()]
+        return []
+
+
+_MENU_PHASES = (
+    Phase.LANGUAGE_PROMPT,
+    Phase.LANGUAGE_WAIT,
+    Phase.NOTICE,
+    Phase.QUESTION_PROMPT,
+    Phase.QUESTION_WAIT,
+)
+
+# The transition table: (phase, event type) -> handler. Anything missing is ignored.
+TRANSITIONS: dict[tuple[Phase, type], Handler] = {
+    (Phase.START, CallStarted): CallFlow.on_start,
+    (Phase.START, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.START, Failed): CallFlow.on_failure_in_menu,
+    (Phase.LANGUAGE_PROMPT, DigitPressed): CallFlow.on_language_digit,
+    (Phase.LANGUAGE_PROMPT, PlaybackFinished): CallFlow.on_language_prompt_done,
+    (Phase.LANGUAGE_WAIT, DigitPressed): CallFlow.on_language_digit,
+    (Phase.LANGUAGE_WAIT, TimerFired): CallFlow.on_menu_deadline,
+    (Phase.NOTICE, DigitPressed): CallFlow.on_notice_digit,
+    (Phase.NOTICE, PlaybackFinished): CallFlow.on_notice_done,
+    (Phase.QUESTION_PROMPT, DigitPressed): CallFlow.on_question_digit,
+    (Phase.QUESTION_PROMPT, PlaybackFinished): CallFlow.on_question_prompt_done,
+    (Phase.QUESTION_WAIT, DigitPressed): CallFlow.on_question_digit,
+    (Phase.QUESTION_WAIT, TimerFired): CallFlow.on_menu_deadline,
+    (Phase.LOGGING, DecisionLogged): CallFlow.on_logged,
+    (Phase.LOGGING, HungUp): CallFlow.on_hangup_late,
+    (Phase.RECORDING, RecordingStarted): CallFlow.on_recording_started,
+    (Phase.RECORDING, HungUp): CallFlow.on_hangup_late,
+    (Phase.DONE, HungUp): CallFlow.on_hangup_late,
+    (Phase.DONE, Failed): CallFlow.on_failure_after_menu,
+}
+for _phase in _MENU_PHASES:
+    TRANSITIONS[(_phase, HungUp)] = CallFlow.on_hangup_in_menu
+    TRANSITIONS[(_phase, Failed)] = CallFlow.on_failure_in_menu
+# The menu deadline can fire while a prompt plays.
+for _phase in (Phase.LANGUAGE_PROMPT, Phase.NOTICE, Phase.QUESTION_PROMPT):
+    TRANSITIONS[(_phase, TimerFired)] = CallFlow.on_menu_deadline

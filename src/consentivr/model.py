@@ -1,0 +1,145 @@
+"""What a call flow is: frozen dataclasses built by the config loader.
+
+Nothing here does I/O. The loader (``config.py``) fills these from YAML; the pure
+call flow (``flow.py``) reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DTMF_KEYS = frozenset("0123456789*#")
+
+
+class Basis(StrEnum):
+    """The GDPR art. 6 legal basis of a purpose."""
+
+    CONSENT = "consent"  # opt-in: only an explicit yes counts
+    PUBLIC_TASK = "public_task"  # announced; the caller may object
+    LEGITIMATE_INTEREST = "legitimate_interest"  # announced; the caller may object
+
+    @property
+    def needs_opt_in(self) -> bool:
+        return self is Basis.CONSENT
+
+
+class Decision(StrEnum):
+    """What the log says about one purpose of one call."""
+
+    YES = "yes"  # explicit consent
+    NO = "no"  # explicit refusal
+    NO_ANSWER = "no_answer"  # timed out or only invalid keys: privacy by default
+    ABANDONED = "abandoned"  # hung up before answering
+    ERROR = "error"  # a failure of ours: privacy by default
+    OBJECTED = "objected"  # objection-based purpose: the caller objected
+    NOT_OBJECTED = "not_objected"  # objection-based purpose: informed, did not object
+
+    @property
+    def allows_processing(self) -> bool:
+        return self in (Decision.YES, Decision.NOT_OBJECTED)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Something to play: one or more Asterisk media URIs, played in order.
+
+    ``text`` is what the prompt says, where known; it feeds the notice version.
+    ``digest`` is the content hash of the rendered or recorded files, where known.
+    """
+
+    media: tuple[str, ...]
+    text: str | None = None
+    digest: str | None = None
+
+    def fingerprint(self) -> dict[str, object]:
+        return {"media": list(self.media), "text": self.text, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class Purpose:
+    """One thing we ask or announce, e.g. ``recording`` or ``callback``."""
+
+    name: str
+    basis: Basis
+    retention_days: int
+    question: Mapping[str, Prompt]  # per language
+    timeout: float  # seconds to wait for a key after the question ends
+    retries: int  # extra attempts after a timeout or an invalid key
+    yes_key: str | None = None  # consent
+    no_key: str | None = None  # consent
+    object_key: str | None = None  # public_task / legitimate_interest
+    records: bool = False  # this purpose gates MixMonitor
+
+    def decide(self, digit: str) -> Decision | None:
+        """The decision a key means, or None for an invalid key."""
+        if self.basis.needs_opt_in:
+            if digit == self.yes_key:
+                return Decision.YES
+            if digit == self.no_key:
+                return Decision.NO
+            return None
+        return Decision.OBJECTED if digit == self.object_key else None
+
+    @property
+    def silent_decision(self) -> Decision:
+        """What silence means: no for consent, go-ahead where only objection counts."""
+        return Decision.NO_ANSWER if self.basis.needs_opt_in else Decision.NOT_OBJECTED
+
+
+@dataclass(frozen=True)
+class LanguageMenu:
+    prompt: Prompt
+    keys: Mapping[str, str]  # digit -> language code
+    timeout: float
+    retries: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the call goes in the dialplan once the menu is done."""
+
+    context: str
+    exten: str = "s"
+    priority: int = 1
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    languages: tuple[str, ...]  # the first is the default
+    notice: Mapping[str, Prompt]  # per language
+    purposes: tuple[Purpose, ...]  # asked in this order
+    destination: Destination
+    language_menu: LanguageMenu | None = None
+    invalid: Mapping[str, Prompt] = field(default_factory=dict)  # "that key is not valid"
+    numbers: tuple[str, ...] = ()  # dialled numbers that select this flow
+    max_menu_seconds: float = 120.0  # hard cap on the whole menu: a stuck call ends unrecorded
+
+    @property
+    def recording_purpose(self) -> Purpose | None:
+        return next((p for p in self.purposes if p.records), None)
+
+    def notice_version(self, language: str) -> str:
+        """A content hash of everything the caller hears before deciding, in one language.
+
+        It changes when a text, a file, a key or a retention period changes.
+        """
+        payload = {
+            "notice": self.notice[language].fingerprint(),
+            "purposes": [
+                {
+                    "name": p.name,
+                    "basis": p.basis.value,
+                    "retention_days": p.retention_days,
+                    "keys": [p.yes_key, p.no_key, p.object_key],
+                    "question": p.question[language].fingerprint(),
+                }
+                for p in self.purposes
+            ],
+        }
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,277 @@
+"""Reading YAML with positions: every problem is collected as one line.
+
+``load_document`` parses with ``yaml.SafeLoader`` (composing nodes, so that every
+value keeps its line and column) and rejects duplicate keys. ``Field`` walks the
+nodes along a dotted path and records problems instead of raising, so a file
+with ten mistakes gets ten lines, in the style of pre-commit's config checks:
+
+    dialplan/gemeente.yaml:12:7: flows.main.purposes.recording.timeout: expected seconds
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from consentivr.errors import ConfigError
+from consentivr.model import DTMF_KEYS
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
+_NULL = "tag:yaml.org,2002:null"
+
+
+@dataclass
+class Problems:
+    """The problems found in one file, in the order found."""
+
+    file: str
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, node: yaml.Node | None, path: str, message: str) -> None:
+        line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
+        where = f"{path}: " if path else ""
+        self.lines.append(f"{self.file}:{line}:{col}: {where}{message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def load_document(path: Path, problems: Problems) -> Field | None:
+    """Parse a YAML file into a ``Field`` for its root, or record why it can't."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.add(None, "", "file not found")
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.add(None, "", f"cannot read file: {_one_line(str(exc))}")
+        return None
+    return parse_text(text, problems)
+
+
+def parse_text(text: str, problems: Problems) -> Field | None:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = _one_line(exc.problem or exc.context or "invalid YAML")
+        problems.lines.append(f"{problems.file}:{line}:{col}: invalid YAML: {what}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.add(None, "", f"invalid YAML: {_one_line(str(exc))}")
+        return None
+    except RecursionError:
+        problems.add(None, "", "invalid YAML: nested too deeply")
+        return None
+    if node is None:
+        problems.add(None, "", "the file is empty")
+        return None
+    return Field(node, "", problems)
+
+
+def _scalar(node: yaml.Node) -> object:
+    """The Python value of a scalar node, by the tag the SafeLoader resolved."""
+    assert isinstance(node, yaml.ScalarNode)
+    tag, value = node.tag, node.value
+    if tag == _INT:
+        try:
+            return int(value.replace("_", ""), 0)
+        except ValueError:
+            return value
+    if tag == _FLOAT:
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return value
+    if tag == _BOOL:
+        return value.lower() in ("yes", "true", "on", "y")
+    if tag == _NULL:
+        return None
+    return value
+
+
+def _describe(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    value = _scalar(node)
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class Field:
+    """A YAML node at a dotted path. Accessors record problems and return None."""
+
+    def __init__(self, node: yaml.Node, path: str, problems: Problems) -> None:
+        self.node = node
+        self.path = path
+        self.problems = problems
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def error(self, message: str) -> None:
+        self.problems.add(self.node, self.path, message)
+
+    def child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    # -- containers -------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[str, Field]]:
+        """The key/value pairs of a mapping whose keys are names (flows, purposes)."""
+        if not isinstance(self.node, yaml.MappingNode):
+            self.error(f"expected a mapping, got {_describe(self.node)}")
+            return
+        seen: dict[str, int] = {}
+        for key_node, value_node in self.node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or _scalar(key_node) is None:
+                self.problems.add(key_node, self.path, "keys must be plain names")
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                self.problems.add(
+                    key_node, self.child_path(key), f"duplicate key (first on line {seen[key]})"
+                )
+                continue
+            seen[key] = key_node.start_mark.line + 1
+            yield key, Field(value_node, self.child_path(key), self.problems)
+
+    def mapping(
+        self, required: Iterable[str] = (), optional: Iterable[str] = ()
+    ) -> dict[str, Field] | None:
+        """A mapping with a fixed set of keys: unknown keys and missing ones are problems."""
+        if not isinstance(self.node, yaml.MappingNode):
+            self.error(f"expected a mapping, got {_describe(self.node)}")
+            return None
+        required = tuple(required)
+        allowed = set(required) | set(optional)
+        found: dict[str, Field] = {}
+        for key, value in self.entries():
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed)) or "none"
+                value.problems.add(
+                    _key_node(self.node, key), value.path, f"unknown key (allowed: {hint})"
+                )
+                continue
+            found[key] = value
+        for key in required:
+            if key not in found:
+                self.error(f"missing required key '{key}'")
+        return found
+
+    def items(self) -> list[Field]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            self.error(f"expected a list, got {_describe(self.node)}")
+            return []
+        return [Field(n, self.child_path(i), self.problems) for i, n in enumerate(self.node.value)]
+
+    # -- scalars ----------------------------------------------------------
+
+    def _value(self) -> object:
+        if not isinstance(self.node, yaml.ScalarNode):
+            return _Missing
+        return _scalar(self.node)
+
+    def string(self, *, allow_empty: bool = False) -> str | None:
+        value = self._value()
+        if isinstance(value, str) and (allow_empty or value.strip()):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(self.node.value)  # e.g. an unquoted extension like 100
+        self.error(f"expected text, got {_describe(self.node)}")
+        return None
+
+    def name(self) -> str | None:
+        """An identifier safe for Asterisk and file names: letters, digits, - and _."""
+        value = self.string()
+        if value is None:
+            return None
+        if not value.replace("-", "").replace("_", "").isalnum() or not value.isascii():
+            self.error("expected a name of letters, digits, '-' or '_'")
+            return None
+        return value
+
+    def seconds(self) -> float | None:
+        value = self._value()
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and 0 < value <= 3600
+        ):
+            return float(value)
+        self.error("expected a positive number of seconds (at most 3600)")
+        return None
+
+    def integer(self, minimum: int = 0, maximum: int = 1_000_000) -> int | None:
+        value = self._value()
+        if isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum:
+            return value
+        self.error(f"expected a whole number from {minimum} to {maximum}")
+        return None
+
+    def boolean(self) -> bool | None:
+        value = self._value()
+        if isinstance(value, bool):
+            return value
+        self.error("expected true or false")
+        return None
+
+    def choice(self, options: Iterable[str]) -> str | None:
+        options = tuple(options)
+        value = self._value()
+        if isinstance(value, str) and value in options:
+            return value
+        self.error(f"expected one of {', '.join(options)}, got {_describe(self.node)}")
+        return None
+
+    def dtmf_key(self) -> str | None:
+        value = self._value()
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 9:
+            return str(value)
+        if isinstance(value, str) and value in DTMF_KEYS:
+            return value
+        self.error("expected one DTMF key: 0-9, '*' or '#' (quote * and #)")
+        return None
+
+    def strings(self) -> list[str]:
+        """A string, or a list of strings."""
+        if isinstance(self.node, yaml.SequenceNode):
+            values = [item.string() for item in self.items()]
+            return [v for v in values if v is not None]
+        value = self.string()
+        return [value] if value is not None else []
+
+
+class _MissingType:
+    pass
+
+
+_Missing = _MissingType()
+
+
+def _key_node(mapping: yaml.MappingNode, key: str) -> yaml.Node:
+    for key_node, _ in mapping.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return key_node
+    return mapping
