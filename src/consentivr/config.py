@@ -168,7 +168,7 @@ def _per_language(
 
 _PURPOSE_KEYS = (
     "basis", "retention_days", "question", "timeout", "retries",
-    "yes_key", "no_key", "object_key", "records", "default",
+    "yes_key", "no_key", "object_key", "records", "callback", "default",
 )
 
 
@@ -187,6 +187,7 @@ def _purpose(f: Field, name: str, languages: tuple[str, ...], flow: str,
     timeout = fields["timeout"].seconds() if "timeout" in fields else 5.0
     retries = fields["retries"].integer(0, 5) if "retries" in fields else 1
     records = fields["records"].boolean() if "records" in fields else False
+    callback = fields["callback"].boolean() if "callback" in fields else False
     keys = {k: fields[k].dtmf_key() for k in ("yes_key", "no_key", "object_key") if k in fields}
     if basis is Basis.CONSENT:
         for k in ("yes_key", "no_key"):
@@ -210,13 +211,13 @@ def _purpose(f: Field, name: str, languages: tuple[str, ...], flow: str,
                 fields[k].error(f"not used with basis {basis.value}: the caller can only object")
     if basis is None or retention is None or timeout is None or retries is None:
         return None
-    if records is None or any(v is None for v in keys.values()):
+    if records is None or callback is None or any(v is None for v in keys.values()):
         return None
     if len(question) != len(languages):
         return None
     return Purpose(
         name=name, basis=basis, retention_days=retention, question=question,
-        timeout=timeout, retries=retries, records=records,
+        timeout=timeout, retries=retries, records=records, callback=callback,
         yes_key=keys.get("yes_key"), no_key=keys.get("no_key"),
         object_key=keys.get("object_key"),
     )
@@ -255,6 +256,8 @@ def parse_flow(f: Field, name: str, prompts_dir: Path) -> Flow | None:
                 purposes.append(purpose)
         if sum(p.records for p in purposes) > 1:
             fields["purposes"].error("only one purpose can have records: true")
+        if sum(p.callback for p in purposes) > 1:
+            fields["purposes"].error("only one purpose can have callback: true")
     destination = _destination(fields["destination"]) if "destination" in fields else None
     menu = (_language_menu(fields["language_menu"], languages, name, prompts_dir)
             if "language_menu" in fields else None)

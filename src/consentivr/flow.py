@@ -158,6 +158,8 @@ class DecisionRecord:
     retention_until: Mapping[str, float]  # epoch seconds, per purpose
     recording_path: str | None  # set only when recording is allowed
     outcome: str  # completed | abandoned | error: <reason>
+    recording_until: float | None = None  # retention deadline of the recording, if any
+    callback_until: float | None = None  # set only when the caller asked for a callback
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,12 @@ class CallFlow:
 
     def _record(self, decided_at: float) -> DecisionRecord:
         c = self.call
+        until = {p.name: decided_at + p.retention_days * DAY for p in self.flow.purposes}
+        rec = self.flow.recording_purpose
+        callback = self.flow.callback_purpose
+        callback_yes = (
+            callback is not None and self._p.decisions[callback.name].allows_processing
+        )
         return DecisionRecord(
             call_id=c.call_id,
             channel_id=c.channel_id,
@@ -392,11 +400,11 @@ class CallFlow:
             decided_at=decided_at,
             keys=tuple(self._p.keys),
             decisions=dict(self._p.decisions),
-            retention_until={
-                p.name: decided_at + p.retention_days * DAY for p in self.flow.purposes
-            },
+            retention_until=until,
             recording_path=self._p.recording_path,
             outcome=self._p.outcome,
+            recording_until=until[rec.name] if rec and self._p.recording_path else None,
+            callback_until=until[callback.name] if callback and callback_yes else None,
         )
 
     def _variables(self, logged: bool) -> SetVariables:

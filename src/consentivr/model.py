@@ -73,6 +73,7 @@ class Purpose:
     no_key: str | None = None  # consent
     object_key: str | None = None  # public_task / legitimate_interest
     records: bool = False  # this purpose gates MixMonitor
+    callback: bool = False  # a yes keeps the caller's number for a callback
 
     def decide(self, digit: str) -> Decision | None:
         """The decision a key means, or None for an invalid key."""
@@ -118,6 +119,10 @@ class Flow:
     invalid: Mapping[str, Prompt] = field(default_factory=dict)  # "that key is not valid"
     numbers: tuple[str, ...] = ()  # dialled numbers that select this flow
     max_menu_seconds: float = 120.0  # hard cap on the whole menu: a stuck call ends unrecorded
+
+    @property
+    def callback_purpose(self) -> Purpose | None:
+        return next((p for p in self.purposes if p.callback), None)
 
     @property
     def recording_purpose(self) -> Purpose | None:

@@ -1,0 +1,362 @@
+"""The consent log: one SQLite row per call, hash-chained, durably committed.
+
+The database runs in WAL mode with ``synchronous=FULL``: when :meth:`ConsentLog.append`
+returns, the decision survives a power cut. :class:`GroupCommitter` batches the
+rows of concurrent calls into one transaction (one fsync) from a single writer
+thread, so the service never blocks its event loop on the disk.
+
+Tamper evidence: every row stores ``row_hash = sha256(prev_hash, proof fields,
+personal_digest)``. ``personal_digest`` hashes the personal fields with a random
+per-row salt. Redaction (purge, erasure) removes the personal fields *and the salt*,
+keeping the digest, so the chain still verifies and nothing can be guessed back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from consentivr.errors import StoreError
+from consentivr.flow import DecisionRecord
+
+GENESIS = "0" * 64
+SCHEMA_VERSION = 1
+
+# Fields kept after redaction: what was decided, when, on which notice.
+PROOF_FIELDS = (
+    "seq", "call_id", "flow", "language", "notice_version", "started_at", "decided_at",
+    "decisions", "retention_until", "outcome",
+)
+# Fields removed by purge and erasure.
+PERSONAL_FIELDS = (
+    "uniqueid", "linkedid", "channel", "caller_hash", "caller_number", "keys", "recording_path",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    seq INTEGER PRIMARY KEY,
+    call_id TEXT NOT NULL UNIQUE,
+    uniqueid TEXT,
+    linkedid TEXT,
+    channel TEXT,
+    caller_hash TEXT,
+    caller_number TEXT,
+    flow TEXT NOT NULL,
+    language TEXT NOT NULL,
+    notice_version TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    decided_at TEXT NOT NULL,
+    keys TEXT,
+    decisions TEXT NOT NULL,
+    retention_until TEXT NOT NULL,
+    recording_path TEXT,
+    recording_until TEXT,
+    recording_confirmed INTEGER,
+    recording_error TEXT,
+    recording_started_at TEXT,
+    recording_stopped_at TEXT,
+    withdrawn_at TEXT,
+    withdrawn_by TEXT,
+    callback_until TEXT,
+    outcome TEXT NOT NULL,
+    personal_salt TEXT,
+    personal_digest TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    row_hash TEXT NOT NULL,
+    recording_purged_at TEXT,
+    redacted_at TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_caller_hash ON calls(caller_hash);
+CREATE INDEX IF NOT EXISTS calls_recording_until ON calls(recording_until)
+    WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL;
+CREATE INDEX IF NOT EXISTS calls_decided_at ON calls(decided_at);
+CREATE INDEX IF NOT EXISTS calls_uniqueid ON calls(uniqueid);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def iso(epoch: float) -> str:
+    """Fixed-width UTC timestamps, so that text order is time order."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def personal_digest(row: Mapping[str, Any], salt: str) -> str:
+    personal = {k: row.get(k) for k in PERSONAL_FIELDS}
+    return hashlib.sha256(salt.encode() + canonical(personal)).hexdigest()
+
+
+def chain_hash(prev_hash: str, row: Mapping[str, Any], digest: str) -> str:
+    proof = {k: row.get(k) for k in PROOF_FIELDS}
+    return hashlib.sha256(prev_hash.encode() + canonical(proof) + digest.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CallerKey:
+    """HMAC key that pseudonymises caller numbers in the log."""
+
+    key: bytes
+
+    def pseudonym(self, number: str | None) -> str | None:
+        if not number:
+            return None
+        return hmac.new(self.key, number.encode(), hashlib.sha256).hexdigest()
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating 0600) the log in WAL mode with full durability."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(_SCHEMA)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
+    return conn
+
+
+def database_is_world_readable(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def load_or_create_key(db_path: Path, configured: bytes | None) -> CallerKey:
+    """The configured key, else a random one kept 0600 next to the database."""
+    if configured:
+        return CallerKey(configured)
+    key_path = db_path.with_name(db_path.name + ".key")
+    try:
+        if key_path.exists():
+            if key_path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise StoreError(f"{key_path}: the caller key is readable by others: chmod 600 it")
+            return CallerKey(key_path.read_bytes().strip())
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_hex(32).encode())
+        return CallerKey(key_path.read_bytes().strip())
+    except OSError as exc:
+        raise StoreError(f"{key_path}: cannot read or create the caller key: {exc}") from exc
+
+
+class ConsentLog:
+    """Synchronous access to the consent log. One instance per thread."""
+
+    def __init__(self, path: Path, caller_key: CallerKey) -> None:
+        self.path = path
+        self.conn = open_database(path)
+        self.db = sqlite_utils.Database(self.conn)
+        self.caller_key = caller_key
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writing ----------------------------------------------------------
+
+    def _row(self, rec: DecisionRecord) -> dict[str, Any]:
+        callback_yes = rec.callback_until is not None
+        return {
+            "call_id": rec.call_id,
+            "uniqueid": rec.channel_id,
+            "linkedid": rec.linkedid,
+            "channel": rec.channel_name,
+            "caller_hash": self.caller_key.pseudonym(rec.caller),
+            # The number in clear only for callers who asked to be called back.
+            "caller_number": rec.caller if callback_yes else None,
+            "callback_until": iso(rec.callback_until) if rec.callback_until else None,
+            "flow": rec.flow,
+            "language": rec.language,
+            "notice_version": rec.notice_version,
+            "started_at": iso(rec.started_at),
+            "decided_at": iso(rec.decided_at),
+            "keys": json.dumps([
+                {"digit": k.digit, "at": iso(k.at), "step": k.step} for k in rec.keys
+            ]),
+            "decisions": json.dumps(dict(rec.decisions), sort_keys=True),
+            "retention_until": json.dumps(
+                {k: iso(v) for k, v in rec.retention_until.items()}, sort_keys=True
+            ),
+            "recording_path": rec.recording_path,
+            "recording_until": iso(rec.recording_until) if rec.recording_until else None,
+            "outcome": rec.outcome,
+        }
+
+    def append_many(self, records: list[DecisionRecord]) -> None:
+        """Commit these rows in one durable transaction, chained in order."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                last = self.conn.execute(
+                    "SELECT seq, row_hash FROM calls ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev = (last["seq"], last["row_hash"]) if last else (0, GENESIS)
+                for rec in records:
+                    seq += 1
+                    row = self._row(rec)
+                    row["seq"] = seq
+                    salt = secrets.token_hex(16)
+                    digest = personal_digest(row, salt)
+                    row.update(personal_salt=salt, personal_digest=digest, prev_hash=prev,
+                               row_hash=chain_hash(prev, row, digest))
+                    prev = row["row_hash"]
+                    cols = ",".join(row)
+                    marks = ",".join("?" * len(row))
+                    self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({marks})",
+                                      list(row.values()))
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot write the consent log: {exc}") from exc
+
+    def append(self, record: DecisionRecord) -> None:
+        self.append_many([record])
+
+    def mark_recording(self, call_id: str, confirmed: bool, error: str | None,
+                       at: float) -> None:
+        self._update(
+            "UPDATE calls SET recording_confirmed=?, recording_error=?, "
+            "recording_started_at=? WHERE call_id=?",
+            (int(confirmed), error, iso(at) if confirmed else None, call_id),
+        )
+
+    def _update(self, sql: str, params: tuple[object, ...]) -> None:
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot update the consent log: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------
+
+    def calls(
+        self, limit: int | None = None, newest_first: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT * FROM calls ORDER BY seq {order}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.conn.execute(sql):
+            yield public_row(row)
+
+    def call(self, call_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT * FROM calls WHERE call_id=? OR uniqueid=? ORDER BY seq LIMIT 1",
+            (call_id, call_id),
+        ).fetchone()
+        return public_row(row) if row else None
+
+
+def public_row(row: sqlite3.Row) -> dict[str, Any]:
+    """A row as the CLI shows it: JSON fields decoded, salts and hashes left out."""
+    data = dict(row)
+    for key in ("keys", "decisions", "retention_until"):
+        if data.get(key):
+            data[key] = json.loads(data[key])
+    for key in ("personal_salt",):
+        data.pop(key, None)
+    return data
+
+
+class GroupCommitter:
+    """One writer thread: concurrent calls' rows share one transaction and one fsync."""
+
+    def __init__(self, log_factory: Any, max_batch: int = 256) -> None:
+        self._factory = log_factory
+        self._queue: queue.Queue[tuple[str, Any, Future[None]] | None] = queue.Queue()
+        self._max_batch = max_batch
+        self._thread = threading.Thread(target=self._run, name="consent-log", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, kind: str, payload: Any) -> Future[None]:
+        fut: Future[None] = Future()
+        self._queue.put((kind, payload, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            log = self._factory()
+        except BaseException as exc:  # reported to the constructor
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                while len(batch) < self._max_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    batch.append(nxt)
+                self._write(log, batch)
+        finally:
+            log.close()
+
+    @staticmethod
+    def _write(log: ConsentLog, batch: list[tuple[str, Any, Future[None]]]) -> None:
+        appends = [(p, f) for k, p, f in batch if k == "append"]
+        if appends:
+            try:
+                log.append_many([p for p, _ in appends])
+                for _, f in appends:
+                    f.set_result(None)
+            except BaseException as exc:
+                for _, f in appends:
+                    f.set_exception(exc)
+        for kind, payload, fut in batch:
+            if kind == "append":
+                continue
+            try:
+                getattr(log, kind)(*payload)
+                fut.set_result(None)
+            except BaseException as exc:
+                fut.set_exception(exc)
