@@ -1,0 +1,202 @@
+"""The ``consentivr`` command line: thin click commands over the library.
+
+Library errors (``ConsentivrError``) become one-line ``click.ClickException``s
+here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from consentivr import __version__
+from consentivr.config import Settings, load_settings
+from consentivr.errors import ConfigError, ConsentivrError
+
+DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "--config", "-c", "config_path", type=click.Path(dir_okay=False),
+        default=lambda: os.environ.get("CONSENTIVR_CONFIG", DEFAULT_CONFIG),
+        show_default=f"$CONSENTIVR_CONFIG or {DEFAULT_CONFIG}",
+        help="The service config file.",
+    )(f)
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn library errors into one-line CLI errors; config errors list every problem."""
+    try:
+        yield
+    except ConfigError as exc:
+        for line in exc.problems[:-1]:
+            click.echo(f"Error: {line}", err=True)
+        raise click.ClickException(exc.problems[-1] if exc.problems else "invalid config") \
+            from None
+    except ConsentivrError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}".strip(": ")) \
+            from None
+
+
+def settings_from(config_path: str) -> Settings:
+    with friendly_errors():
+        return load_settings(config_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="consentivr")
+def main() -> None:
+    """GDPR consent for recorded calls on a self-hosted Asterisk PBX.
+
+    Callers hear a privacy notice and choose, per purpose, whether their call is
+    recorded and whether they may be called back for a quality survey. Every
+    decision is logged; recordings start only after a logged yes.
+
+    \b
+    Example:
+      consentivr serve --config /etc/consentivr/config.yaml
+      consentivr calls list --json
+    """
+
+
+@main.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def serve(config_path: str, verbose: bool) -> None:
+    """Run the ARI (Stasis) app until SIGTERM; log one line per decision.
+
+    \b
+    Example:
+      consentivr serve --config /etc/consentivr/config.yaml
+    """
+    from consentivr.service import serve as run_service
+
+    settings = settings_from(config_path)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with friendly_errors():
+        asyncio.run(run_service(settings))
+
+
+@main.group()
+def config() -> None:
+    """Check the service config.
+
+    \b
+    Example:
+      consentivr config check --config config.yaml
+    """
+
+
+@config.command("check")
+@config_option
+def config_check(config_path: str) -> None:
+    """Check a config file and every dialplan file it names; list all problems.
+
+    \b
+    Example:
+      consentivr config check --config config.example.yaml
+    """
+    settings = settings_from(config_path)
+    click.echo(f"{config_path}: OK ({len(settings.flows)} flow(s): {', '.join(settings.flows)})")
+
+
+@main.group()
+def calls() -> None:
+    """Look at the consent log.
+
+    \b
+    Example:
+      consentivr calls list --limit 20
+      consentivr calls show 3f2a9c...
+    """
+
+
+def _open_log(settings: Settings) -> Any:
+    from consentivr.store import ConsentLog, load_or_create_key
+
+    if not settings.database.exists():
+        raise click.ClickException(f"{settings.database}: no consent log yet (no calls so far)")
+    with friendly_errors():
+        return ConsentLog(settings.database, load_or_create_key(settings.database,
+                                                                settings.caller_key))
+
+
+@calls.command("list")
+@config_option
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def calls_list(config_path: str, limit: int, as_json: bool) -> None:
+    """List the newest calls and their decisions.
+
+    \b
+    Example:
+      consentivr calls list --limit 10
+      consentivr calls list --json | jq .decisions
+    """
+    log = _open_log(settings_from(config_path))
+    rows = list(log.calls(limit=limit))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(_brief(row, full=True), sort_keys=True))
+        return
+    if not rows:
+        click.echo("no calls")
+        return
+    click.echo(f"{'CALL ID':32}  {'DECIDED (UTC)':19}  {'FLOW':10} {'LANG':4}  DECISIONS  REC")
+    for row in rows:
+        decisions = ",".join(f"{k}={v}" for k, v in sorted(row["decisions"].items()))
+        rec = {1: "confirmed", 0: "FAILED", None: "-"}[row.get("recording_confirmed")]
+        click.echo(f"{row['call_id']:32}  {row['decided_at'][:19]:19}  {row['flow']:10} "
+                   f"{row['language']:4}  {decisions}  {rec}")
+
+
+@calls.command("show")
+@config_option
+@click.argument("call_id")
+def calls_show(config_path: str, call_id: str) -> None:
+    """Show one call's full log row (by our call id or Asterisk's uniqueid).
+
+    \b
+    Example:
+      consentivr calls show 3f2a9c0d4b1e4c0e9a7d2b6f1e3c5a7b
+    """
+    log = _open_log(settings_from(config_path))
+    row = log.call(call_id)
+    if row is None:
+        raise click.ClickException(f"no call with id {call_id!r} in {log.path}")
+    click.echo(json.dumps(_brief(row, full=True), indent=2, sort_keys=True))
+
+
+def _brief(row: dict[str, Any], full: bool) -> dict[str, Any]:
+    hidden = {"personal_digest", "prev_hash"} if full else set()
+    return {k: v for k, v in row.items() if k not in hidden}
+
+
+def _register() -> None:
+    """Attach the command groups that live in their own modules."""
+    from consentivr.cli import demo
+
+    main.add_command(demo.demo)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
