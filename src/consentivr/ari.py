@@ -13,6 +13,7 @@ their pool, hard-code a tiny pool, or die on one network error.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -38,9 +39,12 @@ class AriClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.settings.connections)
+            token = base64.b64encode(
+                f"{self.settings.username}:{self.settings.password}".encode()
+            ).decode()
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                auth=aiohttp.BasicAuth(self.settings.username, self.settings.password),
+                headers={"Authorization": f"Basic {token}"},
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
             )
         return self._session

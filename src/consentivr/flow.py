@@ -333,6 +333,7 @@ class CallFlow:
 
     def _play_notice(self) -> list[Command]:
         self.phase = Phase.NOTICE
+        self._p.attempts = 0  # language-menu attempts must not eat the first question's retries
         return self._play([self.flow.notice[self._p.language]])
 
     def _ask_question(self, again: bool = False) -> list[Command]:
@@ -423,7 +424,7 @@ class CallFlow:
         for name, decision in decisions.items():
             # Only a committed row may tell the dialplan that processing is allowed.
             value = decision.value if logged else Decision.ERROR.value
-            pairs.append((f"CONSENTIVR_{name.upper()}", value))
+            pairs.append((f"CONSENTIVR_DECISION_{name.upper()}", value))
         return SetVariables(tuple(pairs))
 
     def _finish(self, logged: bool) -> list[Command]:
@@ -489,6 +490,7 @@ class CallFlow:
     def on_notice_done(self, event: Event) -> list[Command]:
         if not self._is_current_playback(event):
             return []
+        self._last_at = event.at  # with no purposes, the decision is taken now
         self._p.playback_id = None
         return self._ask_question()
 
