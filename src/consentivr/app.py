@@ -132,7 +132,12 @@ class CallSession:
                 case Play(playback_id=pid, media=media, language=language):
                     await app.ari.play(ch, pid, media, language)
                 case StopPlayback(playback_id=pid):
-                    await app.ari.stop_playback(pid)
+                    # Harmless if it fails (the prompt may have just ended): never
+                    # let it cut short the batch that logs the decision.
+                    try:
+                        await app.ari.stop_playback(pid)
+                    except ConsentivrError as exc:
+                        log.debug("call %s: stop playback: %s", self.info.call_id, exc)
                 case StartTimer(timer_id=tid, seconds=seconds):
                     self._timers[tid] = asyncio.get_running_loop().call_later(
                         seconds, lambda: self.push(TimerFired(tid, app.clock())))

@@ -363,7 +363,7 @@ class CallFlow:
         rec = self.flow.recording_purpose
         allow_recording = (
             rec is not None
-            and self._p.outcome == "completed"
+            and self._p.outcome in ("completed", "timeout")
             and self._p.decisions[rec.name].allows_processing
         )
         self._p.recording_path = (
@@ -376,6 +376,10 @@ class CallFlow:
     def _fallback_decision(self, purpose: Purpose) -> Decision:
         if self._p.outcome == "abandoned":
             return Decision.ABANDONED
+        if self._p.outcome == "timeout":
+            # Past the menu deadline nothing unanswered counts as a go-ahead, even
+            # where only an objection would count: the caller may not have heard it.
+            return Decision.NO_ANSWER
         if self._p.outcome != "completed":
             return Decision.ERROR
         return purpose.silent_decision
@@ -535,7 +539,8 @@ class CallFlow:
         if event.timer_id != MENU_DEADLINE:
             return self._dispatch_timer(event)
         self._last_at = event.at
-        # The whole menu took too long: remaining consent purposes stay without a yes.
+        # The whole menu took too long: every purpose still open stays without a yes.
+        self._p.outcome = "timeout"
         return self._decide()
 
     def _dispatch_timer(self, event: TimerFired) -> list[Command]:
@@ -567,9 +572,13 @@ class CallFlow:
     def on_logged(self, event: Event) -> list[Command]:
         assert isinstance(event, DecisionLogged)
         if not event.ok or self._p.hung_up or self._p.recording_path is None:
+            cmds: list[Command] = []
+            if event.ok and self._p.recording_path is not None:
+                # Gone before recording could start: say so in the log.
+                cmds.append(MarkRecording(self.call.call_id, False, "caller hung up"))
             if not event.ok:
                 self._p.recording_path = None
-            return self._finish(logged=event.ok)
+            return cmds + self._finish(logged=event.ok)
         self.phase = Phase.RECORDING
         return [StartRecording(self._p.recording_path)]
 

@@ -1,0 +1,1152 @@
+"""Table-driven tests of the pure call flow: every phase against every event, whole-call
+scenarios, and a hypothesis property test of the privacy invariants."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consentivr.flow import (
+    DAY,
+    EVENT_TYPES,
+    MENU_DEADLINE,
+    TRANSITIONS,
+    Answer,
+    CallFlow,
+    CallInfo,
+    CallStarted,
+    CancelTimer,
+    Command,
+    Continue,
+    DecisionLogged,
+    DigitPressed,
+    Event,
+    Failed,
+    Hangup,
+    HungUp,
+    LogDecision,
+    MarkRecording,
+    Phase,
+    Play,
+    PlaybackFinished,
+    RecordingStarted,
+    SetVariables,
+    StartRecording,
+    StartTimer,
+    StopPlayback,
+    TimerFired,
+)
+from consentivr.model import Basis, Decision, Flow
+from tests.flow_fixtures import (
+    CALL,
+    DESTINATION,
+    NO,
+    OBJECT,
+    RECORDINGS_DIR,
+    YES,
+    Driver,
+    drive_to,
+    make_flow,
+    purpose,
+    standard_purposes,
+)
+
+P = Phase
+RECORDING_PATH = f"{RECORDINGS_DIR}/{CALL.call_id}.wav"
+MENU_PHASES = (P.LANGUAGE_PROMPT, P.LANGUAGE_WAIT, P.NOTICE, P.QUESTION_PROMPT, P.QUESTION_WAIT)
+PROMPT_PHASES = (P.LANGUAGE_PROMPT, P.NOTICE, P.QUESTION_PROMPT)
+
+
+def types(commands: list[Command]) -> list[type]:
+    return [type(c) for c in commands]
+
+
+# --- (1) every phase against every event type --------------------------------
+
+
+def natural_event(d: Driver, kind: type) -> Event:
+    """The event of ``kind`` an adapter would send next: current ids, key "1", success."""
+    at = d.tick()
+    if kind is CallStarted:
+        return CallStarted(at)
+    if kind is DigitPressed:
+        return DigitPressed("1", at)  # "en" in the language menu, yes in a question
+    if kind is PlaybackFinished:
+        return PlaybackFinished(d.play_id or "none", at)
+    if kind is TimerFired:
+        # The wait timer while one runs, else the only other timer: the menu deadline.
+        waiting = d.phase in (P.LANGUAGE_WAIT, P.QUESTION_WAIT)
+        return TimerFired(d.timer_id if waiting and d.timer_id else MENU_DEADLINE, at)
+    if kind is HungUp:
+        return HungUp(at)
+    if kind is DecisionLogged:
+        return DecisionLogged(True, at)
+    if kind is RecordingStarted:
+        return RecordingStarted(True, at)
+    if kind is Failed:
+        return Failed("boom", at)
+    raise AssertionError(kind)
+
+
+IGNORED: tuple[bool, list[type], None] = (False, [], None)  # not in TRANSITIONS
+_LOG = [CancelTimer, LogDecision]  # the deadline timer is cancelled with the decision
+_STOP_LOG = [StopPlayback, *_LOG]
+_WAIT_LOG = [CancelTimer, *_LOG]  # the wait timer too
+
+# (phase, event type) -> (listed in TRANSITIONS, command types, next phase or None = same)
+PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
+    (P.START, CallStarted): (True, [Answer, StartTimer, Play], P.LANGUAGE_PROMPT),
+    (P.START, DigitPressed): IGNORED,
+    (P.START, PlaybackFinished): IGNORED,
+    (P.START, TimerFired): IGNORED,
+    (P.START, HungUp): (True, _LOG, P.LOGGING),
+    (P.START, DecisionLogged): IGNORED,
+    (P.START, RecordingStarted): IGNORED,
+    (P.START, Failed): (True, _LOG, P.LOGGING),
+    (P.LANGUAGE_PROMPT, CallStarted): IGNORED,
+    (P.LANGUAGE_PROMPT, DigitPressed): (True, [StopPlayback, Play], P.NOTICE),
+    (P.LANGUAGE_PROMPT, PlaybackFinished): (True, [StartTimer], P.LANGUAGE_WAIT),
+    (P.LANGUAGE_PROMPT, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.LANGUAGE_PROMPT, HungUp): (True, _LOG, P.LOGGING),  # nothing to stop on a dead line
+    (P.LANGUAGE_PROMPT, DecisionLogged): IGNORED,
+    (P.LANGUAGE_PROMPT, RecordingStarted): IGNORED,
+    (P.LANGUAGE_PROMPT, Failed): (True, _STOP_LOG, P.LOGGING),
+    (P.LANGUAGE_WAIT, CallStarted): IGNORED,
+    (P.LANGUAGE_WAIT, DigitPressed): (True, [CancelTimer, Play], P.NOTICE),
+    (P.LANGUAGE_WAIT, PlaybackFinished): IGNORED,
+    (P.LANGUAGE_WAIT, TimerFired): (True, [Play], P.LANGUAGE_PROMPT),  # asked again
+    (P.LANGUAGE_WAIT, HungUp): (True, _WAIT_LOG, P.LOGGING),
+    (P.LANGUAGE_WAIT, DecisionLogged): IGNORED,
+    (P.LANGUAGE_WAIT, RecordingStarted): IGNORED,
+    (P.LANGUAGE_WAIT, Failed): (True, _WAIT_LOG, P.LOGGING),
+    (P.NOTICE, CallStarted): IGNORED,
+    (P.NOTICE, DigitPressed): (True, [StopPlayback, Play], P.QUESTION_PROMPT),
+    (P.NOTICE, PlaybackFinished): (True, [Play], P.QUESTION_PROMPT),
+    (P.NOTICE, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.NOTICE, HungUp): (True, _LOG, P.LOGGING),
+    (P.NOTICE, DecisionLogged): IGNORED,
+    (P.NOTICE, RecordingStarted): IGNORED,
+    (P.NOTICE, Failed): (True, _STOP_LOG, P.LOGGING),
+    (P.QUESTION_PROMPT, CallStarted): IGNORED,
+    (P.QUESTION_PROMPT, DigitPressed): (True, [StopPlayback, Play], P.QUESTION_PROMPT),
+    (P.QUESTION_PROMPT, PlaybackFinished): (True, [StartTimer], P.QUESTION_WAIT),
+    (P.QUESTION_PROMPT, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.QUESTION_PROMPT, HungUp): (True, _LOG, P.LOGGING),
+    (P.QUESTION_PROMPT, DecisionLogged): IGNORED,
+    (P.QUESTION_PROMPT, RecordingStarted): IGNORED,
+    (P.QUESTION_PROMPT, Failed): (True, _STOP_LOG, P.LOGGING),
+    (P.QUESTION_WAIT, CallStarted): IGNORED,
+    (P.QUESTION_WAIT, DigitPressed): (True, [CancelTimer, Play], P.QUESTION_PROMPT),
+    (P.QUESTION_WAIT, PlaybackFinished): IGNORED,
+    (P.QUESTION_WAIT, TimerFired): (True, [Play], P.QUESTION_PROMPT),  # asked again
+    (P.QUESTION_WAIT, HungUp): (True, _WAIT_LOG, P.LOGGING),
+    (P.QUESTION_WAIT, DecisionLogged): IGNORED,
+    (P.QUESTION_WAIT, RecordingStarted): IGNORED,
+    (P.QUESTION_WAIT, Failed): (True, _WAIT_LOG, P.LOGGING),
+    (P.LOGGING, CallStarted): IGNORED,
+    (P.LOGGING, DigitPressed): IGNORED,  # a late key after the decision
+    (P.LOGGING, PlaybackFinished): IGNORED,
+    (P.LOGGING, TimerFired): IGNORED,
+    (P.LOGGING, HungUp): (True, [], None),  # remembered: no recording, no Continue later
+    (P.LOGGING, DecisionLogged): (True, [StartRecording], P.RECORDING),
+    (P.LOGGING, RecordingStarted): IGNORED,
+    (P.LOGGING, Failed): IGNORED,
+    (P.RECORDING, CallStarted): IGNORED,
+    (P.RECORDING, DigitPressed): IGNORED,
+    (P.RECORDING, PlaybackFinished): IGNORED,
+    (P.RECORDING, TimerFired): IGNORED,
+    (P.RECORDING, HungUp): (True, [], None),
+    (P.RECORDING, DecisionLogged): IGNORED,
+    (P.RECORDING, RecordingStarted): (True, [MarkRecording, SetVariables, Continue], P.DONE),
+    (P.RECORDING, Failed): IGNORED,
+    (P.DONE, CallStarted): IGNORED,
+    (P.DONE, DigitPressed): IGNORED,
+    (P.DONE, PlaybackFinished): IGNORED,
+    (P.DONE, TimerFired): IGNORED,
+    (P.DONE, HungUp): (True, [], None),
+    (P.DONE, DecisionLogged): IGNORED,
+    (P.DONE, RecordingStarted): IGNORED,
+    (P.DONE, Failed): (True, [Hangup], None),  # Continue failed: do not strand the caller
+}
+
+
+def test_pair_table_covers_every_phase_and_event_type() -> None:
+    assert set(PAIR_TABLE) == set(itertools.product(Phase, EVENT_TYPES))
+    # and it says exactly which pairs the module lists
+    assert {k for k, (listed, _, _) in PAIR_TABLE.items() if listed} == set(TRANSITIONS)
+
+
+@pytest.mark.parametrize(
+    ("phase", "kind"), list(PAIR_TABLE), ids=[f"{p.value}-{k.__name__}" for p, k in PAIR_TABLE]
+)
+def test_every_phase_against_every_event(phase: Phase, kind: type) -> None:
+    listed, expected, next_phase = PAIR_TABLE[(phase, kind)]
+    d = drive_to(phase)
+    keys, decisions = d.cf.keys, d.cf.decisions
+    commands = d.feed(natural_event(d, kind))
+    assert types(commands) == expected
+    assert d.phase is (next_phase or phase)
+    assert ((phase, kind) in TRANSITIONS) is listed
+    if not listed:
+        # ignored means ignored: nothing logged, nothing decided
+        assert (d.cf.keys, d.cf.decisions) == (keys, decisions)
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_hangup_in_each_phase(phase: Phase) -> None:
+    """After a hang-up nothing more is said to the channel, and nothing is recorded."""
+    d = drive_to(phase)
+    before = len(d.commands)
+    d.hangup()
+    if d.phase is P.LOGGING:
+        d.logged(True)
+    if d.phase is P.RECORDING:
+        d.recorded(True)
+    later = d.commands[before:]
+    assert not any(isinstance(c, Play | StartRecording | Continue | SetVariables) for c in later)
+    if phase in (P.START, *MENU_PHASES):
+        assert d.record.outcome == "abandoned"
+        assert d.record.recording_path is None
+        # a hang-up in the menu leaves the unanswered purposes abandoned
+        assert Decision.ABANDONED in d.record.decisions.values()
+    assert d.phase is P.DONE
+    assert d.hangup() == []  # and a second hang-up changes nothing
+    assert d.fail() == []  # nor a failure on the dead channel
+
+
+@pytest.mark.parametrize(
+    ("phase", "step"),
+    [
+        (P.LANGUAGE_PROMPT, "language"),
+        (P.NOTICE, "notice"),
+        (P.QUESTION_PROMPT, "recording"),
+    ],
+)
+def test_a_digit_during_each_prompt_stops_that_prompt(phase: Phase, step: str) -> None:
+    d = drive_to(phase)
+    playing = d.play_id
+    commands = d.digit(YES)
+    assert commands[0] == StopPlayback(playing)
+    assert d.cf.keys[-1].step == step
+    assert d.cf.keys[-1].digit == YES
+    # the prompt that replaces it is a new playback
+    new_plays = [c for c in commands if isinstance(c, Play)]
+    assert len(new_plays) == 1
+    assert new_plays[0].playback_id != playing
+
+
+def test_a_digit_during_the_notice_is_not_an_answer() -> None:
+    d = drive_to(P.NOTICE)
+    commands = d.digit(YES)  # YES is the recording question's yes key
+    assert d.cf.decisions == {}
+    assert d.phase is P.QUESTION_PROMPT
+    assert d.current_question() == "recording"  # skipped to the first question, not past it
+    play = commands[-1]
+    assert isinstance(play, Play)
+    assert play.media == ("sound:q-recording-en",)
+
+
+@pytest.mark.parametrize(
+    ("phase", "kind", "stale_id"),
+    [
+        (P.LANGUAGE_PROMPT, PlaybackFinished, "c1-p999"),
+        (P.LANGUAGE_PROMPT, TimerFired, "c1-t999"),
+        (P.LANGUAGE_WAIT, TimerFired, "c1-t999"),
+        (P.NOTICE, PlaybackFinished, "c1-p999"),
+        (P.NOTICE, TimerFired, "c1-t999"),
+        (P.QUESTION_PROMPT, PlaybackFinished, "c1-p999"),
+        (P.QUESTION_PROMPT, TimerFired, "c1-t999"),
+        (P.QUESTION_WAIT, TimerFired, "c1-t999"),
+        # real ids of earlier steps: the language menu's playback and wait timer
+        (P.NOTICE, PlaybackFinished, "first-play"),
+        (P.QUESTION_PROMPT, PlaybackFinished, "first-play"),
+        (P.QUESTION_WAIT, TimerFired, "first-timer"),
+    ],
+)
+def test_stale_playback_and_timer_ids_are_ignored(phase: Phase, kind: type, stale_id: str) -> None:
+    d = drive_to(phase)
+    if stale_id == "first-play":
+        stale_id = d.play_ids[0]
+    elif stale_id == "first-timer":
+        stale_id = d.timer_ids[0]
+    event = (
+        PlaybackFinished(stale_id, d.tick())
+        if kind is PlaybackFinished
+        else TimerFired(stale_id, d.tick())
+    )
+    assert d.feed(event) == []
+    assert d.phase is phase
+
+
+@pytest.mark.parametrize("phase", MENU_PHASES)
+def test_menu_deadline_ends_the_menu_without_any_go_ahead(phase: Phase) -> None:
+    d = drive_to(phase)
+    commands = d.deadline()
+    assert isinstance(commands[-1], LogDecision)
+    assert CancelTimer(MENU_DEADLINE) in commands
+    if d.play_id and phase in PROMPT_PHASES:
+        assert StopPlayback(d.play_id) in commands
+    assert d.phase is P.LOGGING
+    # Past the deadline even an objection-based purpose gets no go-ahead: the
+    # caller may never have heard it announced.
+    assert dict(d.record.decisions) == {
+        "recording": Decision.NO_ANSWER,
+        "callback": Decision.NO_ANSWER,
+        "survey": Decision.NO_ANSWER,
+    }
+    assert d.record.recording_path is None
+    assert d.record.outcome == "timeout"
+
+
+def test_menu_deadline_keeps_the_answers_already_given() -> None:
+    d = drive_to(P.QUESTION_WAIT)
+    d.digit(YES)  # recording: yes
+    d.deadline()  # during the callback question
+    assert dict(d.record.decisions) == {
+        "recording": Decision.YES,
+        "callback": Decision.NO_ANSWER,
+        "survey": Decision.NO_ANSWER,
+    }
+    assert d.record.recording_path == RECORDING_PATH
+    assert d.logged() == [StartRecording(RECORDING_PATH)]
+
+
+# --- (2) whole-call scenarios -------------------------------------------------
+
+Step = Callable[[Driver], object]
+
+
+def key(digit: str) -> Step:
+    return lambda d: d.digit(digit)
+
+
+def played(d: Driver) -> object:
+    return d.played()
+
+
+def timeout(d: Driver) -> object:
+    return d.timer()
+
+
+def hangup(d: Driver) -> object:
+    return d.hangup()
+
+
+def fail(d: Driver) -> object:
+    return d.fail("playback failed")
+
+
+def deadline(d: Driver) -> object:
+    return d.deadline()
+
+
+def logged(ok: bool) -> Step:
+    return lambda d: d.logged(ok)
+
+
+def recorded(ok: bool) -> Step:
+    return lambda d: d.recorded(ok)
+
+
+def start(d: Driver) -> object:
+    return d.start()
+
+
+def listen(d: Driver) -> object:
+    """Hear the current question to its end (PlaybackFinished), then wait."""
+    return d.played()
+
+
+YES_, NO_, NA, AB, ER = (
+    Decision.YES,
+    Decision.NO,
+    Decision.NO_ANSWER,
+    Decision.ABANDONED,
+    Decision.ERROR,
+)
+OBJ, NOBJ = Decision.OBJECTED, Decision.NOT_OBJECTED
+
+# name, steps, expected decisions (recording, callback, survey), outcome,
+# StartRecording emitted, Continue emitted, CONSENTIVR_RECORDING
+SCENARIOS: list[tuple[str, list[Step], tuple[Decision, ...], str, bool, bool, str | None]] = [
+    (
+        "all yes after listening",
+        [
+            start,
+            played,
+            listen,
+            key(YES),
+            listen,
+            key(YES),
+            listen,
+            timeout,
+            listen,
+            timeout,
+            logged(True),
+            recorded(True),
+        ],
+        (YES_, YES_, NOBJ),
+        "completed",
+        True,
+        True,
+        "yes",
+    ),
+    (
+        "barge-in on every question",
+        [start, played, key(YES), key(NO), key(OBJECT), logged(True), recorded(True)],
+        (YES_, NO_, OBJ),
+        "completed",
+        True,
+        True,
+        "yes",
+    ),
+    (
+        "barge-in on the notice is not consent",
+        [
+            start,
+            key(YES),
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            logged(True),
+        ],
+        (NA, NA, NOBJ),
+        "completed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "recording refused",
+        [start, played, key(NO), key(YES), key(OBJECT), logged(True)],
+        (NO_, YES_, OBJ),
+        "completed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "invalid key then yes",
+        [start, played, key("7"), key(YES), key(NO), key(OBJECT), logged(True), recorded(True)],
+        (YES_, NO_, OBJ),
+        "completed",
+        True,
+        True,
+        "yes",
+    ),
+    (
+        "invalid keys past the retries",
+        [start, played, key("7"), key("8"), key("#"), key("*"), key("0"), key("5"), logged(True)],
+        (NA, NA, NOBJ),
+        "completed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "objection purpose: any other key is invalid",
+        [start, played, key(YES), key(YES), key(YES), key(YES), logged(True), recorded(True)],
+        (YES_, YES_, NOBJ),
+        "completed",
+        True,
+        True,
+        "yes",
+    ),
+    (
+        "silence everywhere",
+        [
+            start,
+            played,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            listen,
+            timeout,
+            logged(True),
+        ],
+        (NA, NA, NOBJ),
+        "completed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "hang-up during the notice",
+        [start, hangup, logged(True)],
+        (AB, AB, AB),
+        "abandoned",
+        False,
+        False,
+        None,
+    ),
+    (
+        "hang-up after a yes keeps the yes, records nothing",
+        [start, played, key(YES), hangup, logged(True)],
+        (YES_, AB, AB),
+        "abandoned",
+        False,
+        False,
+        None,
+    ),
+    (
+        "hang-up before the call started",
+        [hangup, logged(True)],
+        (AB, AB, AB),
+        "abandoned",
+        False,
+        False,
+        None,
+    ),
+    (
+        "failure in the menu: all error, call continues",
+        [start, played, key(YES), key(YES), fail, logged(True)],
+        (ER, ER, ER),
+        "error: playback failed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "failure before the call started",
+        [fail, logged(True)],
+        (ER, ER, ER),
+        "error: playback failed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "decision not logged: no recording",
+        [start, played, key(YES), key(YES), key(OBJECT), logged(False)],
+        (YES_, YES_, OBJ),
+        "completed",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "recording not confirmed",
+        [start, played, key(YES), key(YES), key(OBJECT), logged(True), recorded(False)],
+        (YES_, YES_, OBJ),
+        "completed",
+        True,
+        True,
+        "no",
+    ),
+    (
+        "hang-up while logging",
+        [start, played, key(YES), key(YES), key(OBJECT), hangup, logged(True)],
+        (YES_, YES_, OBJ),
+        "completed",
+        False,
+        False,
+        None,
+    ),
+    (
+        "hang-up while recording starts",
+        [start, played, key(YES), key(YES), key(OBJECT), logged(True), hangup, recorded(True)],
+        (YES_, YES_, OBJ),
+        "completed",
+        True,
+        False,
+        None,
+    ),
+    (
+        "menu deadline during the notice",
+        [start, deadline, logged(True)],
+        (NA, NA, NA),
+        "timeout",
+        False,
+        True,
+        "no",
+    ),
+    (
+        "late events after the decision change nothing",
+        [
+            start,
+            played,
+            key(YES),
+            key(YES),
+            key(OBJECT),
+            key(NO),
+            timeout,
+            deadline,
+            played,
+            logged(True),
+            key(NO),
+            recorded(True),
+            key(NO),
+            timeout,
+            played,
+        ],
+        (YES_, YES_, OBJ),
+        "completed",
+        True,
+        True,
+        "yes",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("steps", "decisions", "outcome", "records", "continues", "recording_var"),
+    [s[1:] for s in SCENARIOS],
+    ids=[s[0] for s in SCENARIOS],
+)
+def test_scenario(
+    steps: list[Step],
+    decisions: tuple[Decision, ...],
+    outcome: str,
+    records: bool,
+    continues: bool,
+    recording_var: str | None,
+) -> None:
+    d = Driver(make_flow())
+    for step in steps:
+        step(d)
+    rec = d.record
+    assert tuple(rec.decisions[name] for name in ("recording", "callback", "survey")) == decisions
+    assert rec.outcome == outcome
+    assert bool(d.of_type(StartRecording)) is records
+    assert d.of_type(Continue) == ([Continue(DESTINATION)] if continues else [])
+    if recording_var is None:
+        assert d.of_type(SetVariables) == []
+    else:
+        assert d.variables["CONSENTIVR_RECORDING"] == recording_var
+    assert d.phase is P.DONE
+    check_invariants(d)
+
+
+def test_invalid_key_replays_the_question_after_the_invalid_prompt() -> None:
+    d = drive_to(P.QUESTION_PROMPT)
+    first = d.play_id
+    commands = d.digit("7")
+    assert commands == [
+        StopPlayback(first),
+        Play(d.play_id or "", ("sound:invalid-en", "sound:q-recording-en"), "en"),
+    ]
+    assert d.cf.decisions == {}
+    # retries=1: the second invalid key gives up with the silent decision
+    d.digit("7")
+    assert d.cf.decisions == {"recording": Decision.NO_ANSWER}
+    assert d.current_question() == "callback"
+
+
+def test_invalid_key_without_an_invalid_prompt_just_replays() -> None:
+    d = Driver(make_flow(invalid=False))
+    d.start()
+    d.played()
+    commands = d.digit("7")
+    assert isinstance(commands[-1], Play)
+    assert commands[-1].media == ("sound:q-recording-en",)
+
+
+def test_timeout_replays_without_the_invalid_prompt() -> None:
+    d = drive_to(P.QUESTION_WAIT)
+    commands = d.timer()
+    assert types(commands) == [Play]
+    assert isinstance(commands[0], Play)
+    assert commands[0].media == ("sound:invalid-en", "sound:q-recording-en")
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_retries_count_per_question(retries: int) -> None:
+    d = Driver(make_flow(purposes=standard_purposes(retries=retries)))
+    d.start()
+    d.played()
+    plays_before = len(d.of_type(Play))
+    for _ in range(retries):
+        d.digit("7")
+        assert d.current_question() == "recording"
+    d.digit("7")  # one more than the retries: give up, next question
+    assert d.cf.decisions == {"recording": Decision.NO_ANSWER}
+    assert d.current_question() == "callback"
+    # the next question starts with a fresh count
+    for _ in range(retries):
+        d.played()
+        d.timer()
+        assert d.current_question() == "callback"
+    assert len(d.of_type(Play)) == plays_before + 2 * retries + 1
+    assert "callback" not in d.cf.decisions
+    d.played()
+    d.timer()  # silence past the retries
+    assert d.cf.decisions["callback"] == Decision.NO_ANSWER
+
+
+@pytest.mark.parametrize(("digit", "language"), [("1", "en"), ("2", "de")])
+def test_language_menu_selects_the_language(digit: str, language: str) -> None:
+    d = Driver(make_flow(language_menu=True))
+    d.start()
+    commands = d.digit(digit)
+    notice = commands[-1]
+    assert notice == Play(d.play_id or "", (f"sound:notice-{language}",), language)
+    d.played()
+    assert d.play_media == (f"sound:q-recording-{language}",)
+    d.digit(YES)
+    d.digit(YES)
+    d.digit(OBJECT)
+    assert d.record.language == language
+    assert d.record.notice_version == d.flow.notice_version(language)
+    d.logged(True)
+    d.recorded(True)
+    assert d.variables["CONSENTIVR_LANGUAGE"] == language
+
+
+def test_language_menu_invalid_key_replays_then_defaults() -> None:
+    d = Driver(make_flow(language_menu=True, menu_retries=1))
+    d.start()
+    commands = d.digit("8")
+    assert isinstance(commands[-1], Play)
+    assert commands[-1].media == ("sound:invalid-en", "sound:language-menu")
+    assert d.phase is P.LANGUAGE_PROMPT
+    commands = d.digit("8")
+    assert d.phase is P.NOTICE
+    assert d.play_media == ("sound:notice-en",)  # the default language
+    assert [k.step for k in d.cf.keys] == ["language", "language"]
+
+
+def test_language_menu_timeouts_do_not_use_up_the_first_questions_retries() -> None:
+    d = Driver(make_flow(language_menu=True, menu_retries=1))
+    d.start()
+    d.played()
+    d.timer()  # no language key: asked again
+    d.played()
+    d.timer()  # again: the default language
+    assert d.phase is P.NOTICE
+    d.played()
+    assert d.current_question() == "recording"
+    d.digit("7")  # invalid: the recording question has a retry left
+    assert d.cf.decisions == {}
+    assert d.current_question() == "recording"
+    d.digit(YES)
+    assert d.cf.decisions == {"recording": Decision.YES}
+
+
+def test_language_menu_with_one_language_is_skipped() -> None:
+    flow = make_flow(language_menu=True, languages=("en",))
+    d = Driver(flow)
+    assert types(d.start()) == [Answer, StartTimer, Play]
+    assert d.phase is P.NOTICE
+
+
+def test_call_start_answers_and_arms_the_menu_deadline() -> None:
+    d = Driver(make_flow(max_menu_seconds=42.0))
+    commands = d.start()
+    assert commands[:2] == [Answer(), StartTimer(MENU_DEADLINE, 42.0)]
+    assert commands[2] == Play(d.play_id or "", ("sound:notice-en",), "en")
+
+
+def test_question_wait_uses_the_purpose_timeout() -> None:
+    flow = make_flow(purposes=[purpose("recording", records=True, timeout=7.5)])
+    d = Driver(flow)
+    d.start()
+    d.played()
+    assert d.played() == [StartTimer(d.timer_id or "", 7.5)]
+
+
+# --- the decision record ------------------------------------------------------
+
+
+def test_record_fields_when_everything_is_allowed() -> None:
+    d = Driver(make_flow())
+    d.start()
+    started = d.now
+    d.played()
+    d.digit(YES)
+    d.digit(YES)
+    d.played()
+    d.timer()
+    d.played()
+    d.timer()  # survey: silence = not objected
+    decided = d.now
+    rec = d.record
+    assert rec.call_id == CALL.call_id
+    assert rec.channel_id == CALL.channel_id
+    assert rec.linkedid == CALL.channel_id  # no linkedid given: the channel is its own
+    assert rec.channel_name == CALL.channel_name
+    assert rec.caller == CALL.caller
+    assert rec.flow == "main"
+    assert (rec.started_at, rec.decided_at) == (started, decided)
+    assert rec.retention_until == {
+        "recording": decided + 90 * DAY,
+        "callback": decided + 30 * DAY,
+        "survey": decided + 365 * DAY,
+    }
+    assert rec.recording_path == RECORDING_PATH
+    assert CALL.caller not in rec.recording_path
+    assert rec.recording_until == decided + 90 * DAY
+    assert rec.callback_until == decided + 30 * DAY
+    assert [(k.digit, k.step) for k in rec.keys] == [(YES, "recording"), (YES, "callback")]
+
+
+@pytest.mark.parametrize(
+    ("rec_key", "cb_key", "path", "rec_until", "cb_until"),
+    [
+        (YES, YES, True, True, True),
+        (YES, NO, True, True, False),
+        (NO, YES, False, False, True),
+        ("7", "7", False, False, False),  # invalid and then silence after the replay
+    ],
+)
+def test_record_deadlines_only_when_allowed(
+    rec_key: str, cb_key: str, path: bool, rec_until: bool, cb_until: bool
+) -> None:
+    d = Driver(make_flow(purposes=standard_purposes(retries=0)))
+    d.start()
+    d.played()
+    d.digit(rec_key)
+    d.digit(cb_key)
+    d.digit(OBJECT)
+    rec = d.record
+    assert (rec.recording_path == RECORDING_PATH) is path
+    assert (rec.recording_path is None) is not path
+    assert (rec.recording_until is not None) is rec_until
+    assert (rec.callback_until is not None) is cb_until
+
+
+@pytest.mark.parametrize("recordings_dir", ["/rec", "/rec/", "/rec//"])
+def test_recording_path_is_dir_and_call_id(recordings_dir: str) -> None:
+    call = CallInfo(call_id="abc123", channel_id="1.2", caller="/tmp/evil")
+    d = Driver(make_flow(), call=call, recordings_dir=recordings_dir)
+    d.start()
+    d.played()
+    for digit in (YES, YES, OBJECT):
+        d.digit(digit)
+    assert d.record.recording_path == "/rec/abc123.wav"
+    assert d.logged() == [StartRecording("/rec/abc123.wav")]
+
+
+@pytest.mark.parametrize(
+    ("basis", "keys", "decision", "records"),
+    [
+        (Basis.LEGITIMATE_INTEREST, [], Decision.NOT_OBJECTED, True),  # silence: informed, allowed
+        (Basis.LEGITIMATE_INTEREST, [OBJECT], Decision.OBJECTED, False),
+        (Basis.PUBLIC_TASK, [], Decision.NOT_OBJECTED, True),
+        (Basis.PUBLIC_TASK, [OBJECT], Decision.OBJECTED, False),
+        (Basis.PUBLIC_TASK, ["5", "5"], Decision.NOT_OBJECTED, True),  # invalid past the retries
+        (Basis.CONSENT, [], Decision.NO_ANSWER, False),
+        (Basis.CONSENT, [YES], Decision.YES, True),
+    ],
+)
+def test_recording_purpose_by_legal_basis(
+    basis: Basis, keys: list[str], decision: Decision, records: bool
+) -> None:
+    d = Driver(make_flow(purposes=[purpose("recording", basis, records=True, retries=1)]))
+    d.start()
+    d.played()
+    for k in keys:
+        d.digit(k)
+    while d.phase is not P.LOGGING:  # silence until the question gives up
+        d.played()
+        d.timer()
+    assert d.record.decisions == {"recording": decision}
+    assert (d.logged() == [StartRecording(RECORDING_PATH)]) is records
+
+
+def test_flow_without_purposes_decides_when_the_notice_ends() -> None:
+    d = Driver(make_flow(purposes=[]))
+    d.start()
+    d.played()
+    assert d.phase is P.LOGGING
+    assert d.record.decisions == {}
+    assert d.record.decided_at == d.now  # when the notice ended, not when the call started
+    d.logged(True)
+    assert d.variables == {
+        "CONSENTIVR_CALL_ID": CALL.call_id,
+        "CONSENTIVR_LANGUAGE": "en",
+        "CONSENTIVR_LOGGED": "yes",
+        "CONSENTIVR_RECORDING": "no",
+    }
+
+
+def test_variables_after_a_confirmed_recording() -> None:
+    d = drive_to(P.DONE)
+    assert d.variables == {
+        "CONSENTIVR_CALL_ID": CALL.call_id,
+        "CONSENTIVR_LANGUAGE": "en",
+        "CONSENTIVR_LOGGED": "yes",
+        "CONSENTIVR_RECORDING": "yes",
+        "CONSENTIVR_DECISION_RECORDING": "yes",
+        "CONSENTIVR_DECISION_CALLBACK": "yes",
+        "CONSENTIVR_DECISION_SURVEY": "objected",
+    }
+    assert d.of_type(MarkRecording) == [MarkRecording(CALL.call_id, True, None)]
+
+
+@pytest.mark.parametrize("phase", [P.LOGGING, P.RECORDING])
+def test_variable_names_are_unique(phase: Phase) -> None:
+    """A purpose named "recording" must not overwrite the recording-confirmed flag."""
+    d = drive_to(phase)
+    if phase is P.LOGGING:
+        d.logged(True)
+    d.recorded(False)
+    (variables,) = d.of_type(SetVariables)
+    assert isinstance(variables, SetVariables)
+    names = [name for name, _ in variables.variables]
+    assert len(names) == len(set(names))
+    assert d.variables["CONSENTIVR_RECORDING"] == "no"
+
+
+def test_variables_when_the_decision_was_not_logged() -> None:
+    d = drive_to(P.LOGGING)
+    assert d.logged(False)[-1] == Continue(DESTINATION)
+    assert d.variables == {
+        "CONSENTIVR_CALL_ID": CALL.call_id,
+        "CONSENTIVR_LANGUAGE": "en",
+        "CONSENTIVR_LOGGED": "no",
+        "CONSENTIVR_RECORDING": "no",
+        # only a committed row may allow processing
+        "CONSENTIVR_DECISION_RECORDING": "error",
+        "CONSENTIVR_DECISION_CALLBACK": "error",
+        "CONSENTIVR_DECISION_SURVEY": "error",
+    }
+    assert d.of_type(StartRecording) == []
+
+
+def test_recording_not_confirmed_is_marked_and_the_call_continues() -> None:
+    d = drive_to(P.RECORDING)
+    commands = d.recorded(False)
+    assert commands[0] == MarkRecording(CALL.call_id, False, "no such channel")
+    assert commands[-1] == Continue(DESTINATION)
+    assert d.variables["CONSENTIVR_RECORDING"] == "no"
+    assert d.variables["CONSENTIVR_LOGGED"] == "yes"
+
+
+def test_failure_after_continue_hangs_up_once() -> None:
+    d = drive_to(P.DONE)
+    assert d.fail() == [Hangup()]
+    assert d.fail() == []
+    assert d.hangup() == []
+
+
+# --- (3) property: random event sequences keep the privacy invariants --------
+
+FLOWS: list[Flow] = [
+    make_flow(),
+    make_flow(language_menu=True),
+    make_flow(language_menu=True, menu_retries=0, invalid=False),
+    make_flow(purposes=standard_purposes(retries=0, recording_basis=Basis.PUBLIC_TASK)),
+    make_flow(purposes=standard_purposes(retries=2)),
+    make_flow(purposes=[]),
+]
+
+# One flat menu of operations: progress until a random phase (so random calls get as far
+# as logging and recording, and something happens there), single steps, keys, adapter news.
+OPS = st.sampled_from(
+    [
+        *(("until", phase) for phase in Phase),
+        ("progress",),
+        ("progress",),
+        ("progress",),
+        *(("digit", digit) for digit in [YES, YES, NO, OBJECT, "0", "#"]),
+        ("played",),
+        ("played_stale",),
+        ("timer",),
+        ("timer_stale",),
+        ("deadline",),
+        ("hangup",),
+        ("fail",),
+        ("start",),
+        ("logged", True),
+        ("logged", False),
+        ("recorded", True),
+        ("recorded", False),
+    ]
+)
+
+
+def progress(d: Driver) -> None:
+    """The step that moves the call on: listen to prompts, say yes, the adapter succeeds."""
+    phase = d.phase
+    if phase is P.START:
+        d.start()
+    elif phase in PROMPT_PHASES:
+        d.played()
+    elif phase is P.LANGUAGE_WAIT:
+        d.digit("1")
+    elif phase is P.QUESTION_WAIT:
+        d.digit(YES)  # an invalid key for an objection purpose: replayed, then silence
+    elif phase is P.LOGGING:
+        d.logged(True)
+    elif phase is P.RECORDING:
+        d.recorded(True)
+
+
+def apply(d: Driver, op: tuple) -> None:
+    match op:
+        case ("progress",):
+            progress(d)
+        case ("until", phase):
+            for _ in range(30):  # a menu that never reaches the phase (retries) stops anyway
+                if d.phase in (phase, P.DONE):
+                    break
+                progress(d)
+        case ("digit", digit):
+            d.digit(digit)
+        case ("played",):
+            d.played()
+        case ("played_stale",):
+            d.played(d.play_ids[0] if len(d.play_ids) > 1 else "c1-p999")
+        case ("timer",):
+            d.timer()
+        case ("timer_stale",):
+            d.timer(d.timer_ids[0] if len(d.timer_ids) > 1 else "c1-t999")
+        case ("deadline",):
+            d.deadline()
+        case ("hangup",):
+            d.hangup()
+        case ("fail",):
+            d.fail()
+        case ("start",):
+            d.start()
+        case ("logged", ok):
+            d.logged(ok)
+        case ("recorded", ok):
+            d.recorded(ok)
+        case _:
+            raise AssertionError(op)
+
+
+def check_invariants(d: Driver) -> None:
+    flow = d.flow
+    rec_purpose = flow.recording_purpose
+    log: LogDecision | None = None
+    hung_up = continued = False
+    counts = {LogDecision: 0, Continue: 0, StartRecording: 0, Hangup: 0}
+    playing: str | None = None  # the last Play, until it finished
+    for event, commands in d.trace:
+        hung_up = hung_up or isinstance(event, HungUp)
+        finished = isinstance(event, PlaybackFinished) and event.playback_id == playing
+        if continued:
+            # after Continue only a failure may still get a reply: hang up
+            assert commands in ([], [Hangup()]), (event, commands)
+            assert not commands or isinstance(event, Failed)
+        for c in commands:
+            for kind in counts:
+                counts[kind] += isinstance(c, kind)
+            if isinstance(c, LogDecision):
+                log = c
+            if isinstance(c, StopPlayback):
+                assert c.playback_id in d.play_ids
+            if isinstance(c, Play):
+                playing = c.playback_id
+            if isinstance(c, StartTimer) and c.timer_id != MENU_DEADLINE:
+                # a wait starts only once the prompt has been heard to its end
+                assert finished, (event, playing)
+            if isinstance(c, StartRecording):
+                assert isinstance(event, DecisionLogged) and event.ok
+                assert not hung_up
+                assert log is not None and rec_purpose is not None
+                assert log.record.recording_path == c.path == RECORDING_PATH
+                assert log.record.decisions[rec_purpose.name].allows_processing
+                assert log.record.outcome in ("completed", "timeout")
+            if isinstance(c, Continue):
+                assert log is not None and not hung_up
+                continued = True
+    assert all(n <= 1 for n in counts.values()), counts
+
+    pressed = {
+        (digit, q) for digit, phase, q in d.digits if phase in (P.QUESTION_PROMPT, P.QUESTION_WAIT)
+    }
+    decisions = dict(log.record.decisions) if log else d.cf.decisions
+    for p in flow.purposes:
+        decision = decisions.get(p.name)
+        if decision is None:
+            continue
+        if p.basis is Basis.CONSENT:
+            assert decision not in (Decision.OBJECTED, Decision.NOT_OBJECTED)
+            if decision is Decision.YES:
+                assert (p.yes_key, p.name) in pressed, (p.name, d.digits)
+            if decision is Decision.NO:
+                assert (p.no_key, p.name) in pressed, (p.name, d.digits)
+        else:
+            assert decision not in (Decision.YES, Decision.NO)
+            # no_answer only when the menu deadline cut the call short.
+            if decision is Decision.NO_ANSWER:
+                assert log is not None and log.record.outcome == "timeout"
+            if decision is Decision.OBJECTED:
+                assert (p.object_key, p.name) in pressed
+
+    if log is not None:
+        record = log.record
+        assert set(record.decisions) == {p.name for p in flow.purposes}
+        assert record.recording_path in (None, RECORDING_PATH)
+        if record.outcome == "abandoned":
+            assert record.recording_path is None
+        if record.outcome.startswith("error"):
+            assert set(record.decisions.values()) <= {Decision.ERROR}
+        for p in flow.purposes:
+            assert record.retention_until[p.name] == record.decided_at + p.retention_days * DAY
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    flow=st.sampled_from(FLOWS),
+    started=st.booleans(),
+    ops=st.lists(OPS, max_size=40),
+)
+def test_random_event_sequences_keep_the_invariants(
+    flow: Flow, started: bool, ops: list[tuple]
+) -> None:
+    d = Driver(flow)
+    if started:
+        d.start()
+    for op in ops:
+        apply(d, op)
+    check_invariants(d)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(OPS, max_size=30))
+def test_hung_up_calls_are_never_recorded_nor_continued(ops: list[tuple]) -> None:
+    d = Driver(make_flow(language_menu=True))
+    d.start()
+    for op in ops:
+        apply(d, op)
+    d.hangup()
+    # whatever the adapter answers afterwards
+    d.logged(True)
+    d.recorded(True)
+    check_invariants(d)
+    after = list(itertools.dropwhile(lambda t: not isinstance(t[0], HungUp), d.trace))
+    later = [c for _, cmds in after for c in cmds]
+    assert not any(isinstance(c, StartRecording | Continue | SetVariables | Play) for c in later)
+
+
+def test_callflow_is_constructible_from_the_public_api() -> None:
+    # the public names the adapters import stay available
+    cf = CallFlow(make_flow(), CALL, RECORDINGS_DIR)
+    assert cf.phase is P.START
+    assert cf.language == "en"
+
+
+def test_hangup_while_logging_a_yes_marks_the_recording_unconfirmed() -> None:
+    d = drive_to(P.QUESTION_WAIT)
+    d.digit(YES)  # recording: yes
+    d.digit(YES)  # callback: yes
+    d.deadline()  # ends the menu during the third question
+    assert d.phase is P.LOGGING and d.record.recording_path == RECORDING_PATH
+    assert d.hangup() == []
+    commands = d.logged(True)
+    assert commands == [MarkRecording(CALL.call_id, False, "caller hung up")]
+    assert d.phase is P.DONE
