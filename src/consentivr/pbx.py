@@ -13,6 +13,7 @@ ports.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import fcntl
@@ -23,8 +24,11 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -440,8 +444,8 @@ class SandboxPbx:
 
     def _ensure_mountpoint(self, path: Path) -> None:
         # The root is bound read-only, so bwrap cannot create mount points in it;
-        # create them (empty dirs) in the cached tree. /tmp is a tmpfs inside.
-        if path == Path("/tmp") or path.is_relative_to("/tmp"):
+        # create them (empty dirs) in the cached tree. /tmp and /run are tmpfs inside.
+        if any(path.is_relative_to(top) for top in ("/tmp", "/run")):
             return
         inside = self.root
         for part in path.parts[1:]:
@@ -517,12 +521,13 @@ class SandboxPbx:
     def start(self, timeout: float = 120) -> PbxEndpoints:
         """Provision if needed, write configs, launch Asterisk, wait until ARI answers.
 
-        A restart reuses the ports of the first start.
+        ``timeout`` covers Asterisk's startup, not a first-time debootstrap. A restart
+        reuses the ports and passwords of the first start.
         """
         if self.running():
             return self.endpoints
+        self.provision()  # may take a minute; not part of the startup timeout
         deadline = time.monotonic() + timeout
-        self.provision()
         sock_path = self.run_dir / "run" / "asterisk.ctl"
         if len(str(sock_path)) > _MAX_SOCKET_PATH:
             raise PbxError(
@@ -566,7 +571,9 @@ class SandboxPbx:
         except BaseException:
             self.stop()
             raise
-        log.info("Asterisk up: ARI %s, AMI %d, SIP %d", self._endpoints.ari_url, ports.ami, ports.sip)
+        log.info(
+            "Asterisk up: ARI %s, AMI %d, SIP %d", self._endpoints.ari_url, ports.ami, ports.sip
+        )
         return self._endpoints
 
     def _wait_ready(self, deadline: float) -> None:
@@ -579,7 +586,9 @@ class SandboxPbx:
                 raise self._failure(f"Asterisk exited with code {rc} during startup")
             try:
                 if not booted:
-                    out = self._rx("core waitfullybooted", timeout=max(1.0, deadline - time.monotonic()))
+                    out = self._rx(
+                        "core waitfullybooted", timeout=max(1.0, deadline - time.monotonic())
+                    )
                     booted = "fully booted" in out.lower()
                     last = out.strip() or last
                 if booted:
@@ -673,19 +682,54 @@ class SandboxPbx:
         return self._rx(command)
 
     def set_dialplan(self, text: str) -> None:
-        """Replace ``extensions_project.conf`` and reload the dialplan."""
+        """Replace ``extensions_project.conf`` and reload the dialplan.
+
+        Raises PbxError listing Asterisk's complaints if the file has parse problems.
+        """
         _write_atomic(self.dialplan_path, text)
-        _expect(self.cli("dialplan reload"), "reloaded", "dialplan reload", self.log_path)
+        self._reload_checked("dialplan reload", "reloaded")
 
     def set_rendered_dialplan(self, text: str) -> None:
         """Replace ``extensions_rendered.conf`` (e.g. a dialplan consentivr rendered)."""
         _write_atomic(self.rendered_dialplan_path, text)
-        _expect(self.cli("dialplan reload"), "reloaded", "dialplan reload", self.log_path)
+        self._reload_checked("dialplan reload", "reloaded")
 
     def set_features(self, text: str) -> None:
         """Replace ``features_project.conf`` (inside ``[applicationmap]``) and reload."""
         _write_atomic(self.features_path, text)
-        self.cli("module reload features")
+        self._reload_checked("module reload features", "")
+
+    def _reload_checked(self, command: str, expect: str) -> None:
+        # Asterisk reports config problems only in its log, after the command returns.
+        # Logging is queued in order, so a marker logged afterwards bounds the lines.
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        out = self.cli(command)
+        if expect and expect not in out.lower():
+            raise PbxError(f"{command} failed: {out.strip()!r}; see {self.log_path}")
+        marker = f"reload-{secrets.token_hex(6)}"
+        self.cli(f"dialplan set global CONSENTIVR_RELOAD_MARK {marker}")
+        deadline = time.monotonic() + 3
+        new = ""
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as fh:
+                fh.seek(start)
+                new = fh.read().decode("utf-8", "replace")
+            if marker in new:
+                break
+            time.sleep(0.02)
+        problems = [
+            line
+            for line in new.splitlines()
+            if re.search(r"\b(WARNING|ERROR)\[", line) and _CONFIG_SOURCES.search(line)
+        ]
+        if problems:
+            raise PbxError(
+                f"{command}: Asterisk rejected parts of the config (log: {self.log_path}):\n"
+                + "\n".join(problems)
+            )
+
+
+_CONFIG_SOURCES = re.compile(r"\] (config|pbx_config|features_config|config_options)\.c:")
 
 
 # --------------------------------------------------------------------------- external
@@ -830,3 +874,72 @@ def asterisk_major_version(version_output: str) -> int | None:
     """22 for 'Asterisk 22.10.1+dfsg...'; None if the text has no version."""
     m = re.search(r"Asterisk (\d+)\.", version_output)
     return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def env_lines(pbx: SandboxPbx) -> list[str]:
+    """``CONSENTIVR_TEST_*`` settings that point tests/the demo at this running PBX."""
+    ep = pbx.endpoints
+    values = {
+        "CONSENTIVR_TEST_ARI_URL": ep.ari_url,
+        "CONSENTIVR_TEST_ARI_USER": ep.ari_user,
+        "CONSENTIVR_TEST_ARI_PASSWORD": ep.ari_password,
+        "CONSENTIVR_TEST_AMI_HOST": ep.ami_host,
+        "CONSENTIVR_TEST_AMI_PORT": str(ep.ami_port),
+        "CONSENTIVR_TEST_AMI_USER": ep.ami_user,
+        "CONSENTIVR_TEST_AMI_PASSWORD": ep.ami_password,
+        "CONSENTIVR_TEST_SIP_PORT": str(ep.sip_port),
+        "CONSENTIVR_TEST_SHARED_DIR": str(pbx.shared_dir),
+        "CONSENTIVR_TEST_DIALPLAN_FILE": str(pbx.dialplan_path),
+        "CONSENTIVR_TEST_RENDERED_DIALPLAN_FILE": str(pbx.rendered_dialplan_path),
+        "CONSENTIVR_TEST_FEATURES_FILE": str(pbx.features_path),
+        "CONSENTIVR_TEST_ASTERISK_LOG": str(pbx.log_path),
+    }
+    return [f"export {k}={v}" for k, v in values.items()]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m consentivr.pbx provision|run``: build the sandbox, or run the PBX by hand."""
+    parser = argparse.ArgumentParser(prog="python -m consentivr.pbx", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    prov = sub.add_parser("provision", help="debootstrap the Asterisk sandbox unless cached")
+    run = sub.add_parser("run", help="start the test PBX; print its settings; stop on Ctrl-C")
+    run.add_argument("--dir", type=Path, help="run dir (default: new /tmp/consentivr-pbx-*)")
+    for p in (prov, run):
+        p.add_argument(
+            "--cache-dir", type=Path, help=f"default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR}"
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        if args.cmd == "provision":
+            root = SandboxPbx(Path(tempfile.gettempdir()), cache_dir=args.cache_dir).provision()
+            log.info("Asterisk sandbox ready: %s", root)
+            return 0
+        run_dir = args.dir or Path(tempfile.mkdtemp(prefix="consentivr-pbx-", dir="/tmp"))
+        pbx = SandboxPbx(run_dir, cache_dir=args.cache_dir)
+        # SIGTERM gets the same clean 'core stop now' as Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
+        with pbx:
+            sys.stdout.write("\n".join(env_lines(pbx)) + "\n")
+            sys.stdout.flush()
+            log.info("test PBX running in %s; log: %s; Ctrl-C stops it", run_dir, pbx.log_path)
+            while pbx.running():
+                time.sleep(0.5)
+            log.error("Asterisk exited; log: %s\n%s", pbx.log_path, tail(pbx.log_path))
+            return 1
+    except KeyboardInterrupt:
+        return 0
+    except PbxError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
