@@ -54,6 +54,7 @@ class Prompt:
     media: tuple[str, ...]
     text: str | None = None
     digest: str | None = None
+    voice: str | None = None  # the espeak-ng voice of a text prompt (``prompts build``)
 
     def fingerprint(self) -> dict[str, object]:
         return {"media": list(self.media), "text": self.text, "digest": self.digest}
@@ -97,6 +98,9 @@ class LanguageMenu:
     keys: Mapping[str, str]  # digit -> language code
     timeout: float
     retries: int
+    # The per-language parts ``prompt`` plays in turn ("Kies 1..." in a Dutch voice,
+    # "Press 2..." in an English one); empty when the menu is one single prompt.
+    parts: Mapping[str, Prompt] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,40 @@ class Destination:
     context: str
     exten: str = "s"
     priority: int = 1
+
+
+# Every context the rendered dialplan defines starts with this, so one file can be
+# included next to an existing dialplan without name clashes.
+CONTEXT_PREFIX = "consentivr-"
+ENTRY_CONTEXT = f"{CONTEXT_PREFIX}entry"
+
+
+def flow_context(flow: str) -> str:
+    """The dialplan context that runs ``flow`` (``Stasis(app,flow)`` plus the fallback)."""
+    return f"{CONTEXT_PREFIX}flow-{flow}"
+
+
+def menu_context(menu: str) -> str:
+    """The dialplan context of a department menu from a dialplan file's ``menus:``."""
+    return f"{CONTEXT_PREFIX}menu-{menu}"
+
+
+@dataclass(frozen=True)
+class Menu:
+    """A plain DTMF menu after the consent questions, rendered into dialplan.
+
+    The prompt is chosen by ``${CONSENTIVR_LANGUAGE}``; the first language is the
+    default. After ``retries`` invalid keys or timeouts the call goes to ``default``
+    (or is hung up when there is none).
+    """
+
+    name: str
+    prompt: Mapping[str, Prompt]  # per language
+    options: Mapping[str, Destination]  # DTMF key -> where to go
+    timeout: float = 5.0
+    retries: int = 2
+    invalid: Mapping[str, Prompt] = field(default_factory=dict)  # per language
+    default: Destination | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +157,9 @@ class Flow:
     invalid: Mapping[str, Prompt] = field(default_factory=dict)  # "that key is not valid"
     numbers: tuple[str, ...] = ()  # dialled numbers that select this flow
     max_menu_seconds: float = 120.0  # hard cap on the whole menu: a stuck call ends unrecorded
+    # "This call is not recorded", per language: the rendered dialplan plays it when
+    # the app is down (STASISSTATUS=FAILED). The app itself does not use it.
+    not_recorded: Mapping[str, Prompt] = field(default_factory=dict)
 
     @property
     def callback_purpose(self) -> Purpose | None:

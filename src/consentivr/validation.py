@@ -10,6 +10,7 @@ with ten mistakes gets ten lines, in the style of pre-commit's config checks:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,19 +30,30 @@ _NULL = "tag:yaml.org,2002:null"
 
 @dataclass
 class Problems:
-    """The problems found in one file, in the order found."""
+    """The problems found in one file, in the order found; ``sorted()`` orders by line."""
 
     file: str
     lines: list[str] = field(default_factory=list)
+    _at: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def add(self, node: yaml.Node | None, path: str, message: str) -> None:
         line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
+        self.add_at(line, col, path, message)
+
+    def add_at(self, line: int, col: int, path: str, message: str) -> None:
         where = f"{path}: " if path else ""
-        self.lines.append(f"{self.file}:{line}:{col}: {where}{message}")
+        self.lines.append(f"{self.file}:{line}:{col}: {where}{_one_line(message)}")
+        self._at.append((line, col))
+
+    def sorted(self) -> list[str]:
+        """The problems by line and column; problems on one spot keep their order."""
+        at = self._at + [(0, 0)] * (len(self.lines) - len(self._at))  # lines added directly
+        order = sorted(range(len(self.lines)), key=lambda i: at[i])
+        return [self.lines[i] for i in order]
 
     def raise_if_any(self) -> None:
         if self.lines:
-            raise ConfigError(self.lines)
+            raise ConfigError(self.sorted())
 
 
 def _one_line(text: str) -> str:
@@ -68,7 +80,7 @@ def parse_text(text: str, problems: Problems) -> Field | None:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = _one_line(exc.problem or exc.context or "invalid YAML")
-        problems.lines.append(f"{problems.file}:{line}:{col}: invalid YAML: {what}")
+        problems.add_at(line, col, "", f"invalid YAML: {what}")
         return None
     except yaml.YAMLError as exc:
         problems.add(None, "", f"invalid YAML: {_one_line(str(exc))}")
@@ -133,6 +145,8 @@ class Field:
     def child_path(self, key: str | int) -> str:
         if isinstance(key, int):
             return f"{self.path}[{key}]"
+        if not key.isprintable():
+            key = json.dumps(key)  # a control character must not break the one-line report
         return f"{self.path}.{key}" if self.path else key
 
     # -- containers -------------------------------------------------------

@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -192,8 +191,11 @@ def _brief(row: dict[str, Any], full: bool) -> dict[str, Any]:
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
     from consentivr.cli import demo
+    from consentivr.cli import dialplan as dialplan_cli
 
     main.add_command(demo.demo)
+    main.add_command(dialplan_cli.dialplan)
+    main.add_command(dialplan_cli.prompts)
 
 
 _register()
