@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from consentivr.features import FEATURE_NAME as WITHDRAW_FEATURE
 from consentivr.model import Decision, Destination, Flow, Prompt, Purpose
 
 DAY = 86400.0
@@ -422,9 +423,14 @@ class CallFlow:
         pairs = [
             ("CONSENTIVR_CALL_ID", self.call.call_id),
             ("CONSENTIVR_LANGUAGE", self._p.language),
+            # So that stock sounds later in the dialplan speak the caller's language.
+            ("CHANNEL(language)", self._p.language),
             ("CONSENTIVR_LOGGED", "yes" if logged else "no"),
             ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
         ]
+        if recording:
+            # Arms the withdrawal key (features.conf) for when the call is bridged.
+            pairs.append(("DYNAMIC_FEATURES", WITHDRAW_FEATURE))
         for name, decision in decisions.items():
             # Only a committed row may tell the dialplan that processing is allowed.
             value = decision.value if logged else Decision.ERROR.value
