@@ -874,6 +874,7 @@ def test_flow_without_purposes_decides_when_the_notice_ends() -> None:
     assert d.variables == {
         "CONSENTIVR_CALL_ID": CALL.call_id,
         "CONSENTIVR_LANGUAGE": "en",
+        "CHANNEL(language)": "en",
         "CONSENTIVR_LOGGED": "yes",
         "CONSENTIVR_RECORDING": "no",
     }
@@ -884,8 +885,10 @@ def test_variables_after_a_confirmed_recording() -> None:
     assert d.variables == {
         "CONSENTIVR_CALL_ID": CALL.call_id,
         "CONSENTIVR_LANGUAGE": "en",
+        "CHANNEL(language)": "en",
         "CONSENTIVR_LOGGED": "yes",
         "CONSENTIVR_RECORDING": "yes",
+        "DYNAMIC_FEATURES": "consentivr_withdraw",  # arms the withdrawal key
         "CONSENTIVR_DECISION_RECORDING": "yes",
         "CONSENTIVR_DECISION_CALLBACK": "yes",
         "CONSENTIVR_DECISION_SURVEY": "objected",
@@ -913,6 +916,7 @@ def test_variables_when_the_decision_was_not_logged() -> None:
     assert d.variables == {
         "CONSENTIVR_CALL_ID": CALL.call_id,
         "CONSENTIVR_LANGUAGE": "en",
+        "CHANNEL(language)": "en",
         "CONSENTIVR_LOGGED": "no",
         "CONSENTIVR_RECORDING": "no",
         # only a committed row may allow processing
