@@ -197,6 +197,10 @@ def _register() -> None:
     main.add_command(dialplan_cli.dialplan)
     main.add_command(dialplan_cli.prompts)
 
+    from consentivr.cli import recording
+
+    main.add_command(recording.recording)
+
 
 _register()
 
