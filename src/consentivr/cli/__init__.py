@@ -197,9 +197,11 @@ def _register() -> None:
     main.add_command(dialplan_cli.dialplan)
     main.add_command(dialplan_cli.prompts)
 
+    from consentivr.cli import agi as agi_cli
     from consentivr.cli import recording
 
     main.add_command(recording.recording)
+    main.add_command(agi_cli.agi)
 
 
 _register()
