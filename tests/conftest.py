@@ -18,4 +18,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if in_ci and report.skipped and item.get_closest_marker("asterisk") is not None:
         # Under CI, "could not reach Asterisk" must never look like a pass.
         report.outcome = "failed"
-        report.longrepr = f"CI=true: real-Asterisk test {item.nodeid} was skipped: {report.longrepr}"
+        report.longrepr = (
+            f"CI=true: real-Asterisk test {item.nodeid} was skipped: {report.longrepr}"
+        )
