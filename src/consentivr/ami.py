@@ -5,6 +5,12 @@ Success or Error, so the consent log can say whether recording was *confirmed*
 started; the same connection later serves ``StopMixMonitor`` (withdrawal) and
 ``MixMonitorMute`` (hold). Asterisk runs one connection's actions one at a
 time, so a small pool of connections keeps the round trip short under load.
+
+Faults: every connection reconnects by itself with capped exponential backoff
+(Asterisk restarts, network hiccups, a refused login). An action in flight when its
+connection drops fails at once (``AmiError``) and is never re-sent later:
+panoramisk would otherwise replay it after the reconnect, long after the call
+was told recording is not confirmed.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,15 +29,84 @@ from consentivr.errors import AmiError
 
 log = logging.getLogger(__name__)
 
+# Never replayed by panoramisk after a reconnect (see the module docstring).
+_OURS = ("ping", "login", "logoff", "mixmonitor", "stopmixmonitor", "mixmonitormute")
+MAX_BACKOFF = 10.0
+
+
+class _Connection(Manager):  # type: ignore[misc]  # panoramisk is untyped
+    """One panoramisk connection with backoff, a login-refused log line and a clean close."""
+
+    def __init__(self, name: str, **config: Any) -> None:
+        super().__init__(forgetable_actions=_OURS, **config)
+        self.name = name
+        self.closed = False
+        self.delay = 0.5
+        self.was_up = False
+        self.inflight: set[asyncio.Future[Any]] = set()
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:
+            return None
+        return super().connect(*args, **kwargs)
+
+    def connection_made(self, f: Any) -> None:
+        # panoramisk retries after ``reconnect_timeout``; grow it on each failure.
+        if f.cancelled():  # the loop is shutting down
+            return
+        self.reconnect_timeout = self.delay * (0.8 + 0.4 * random.random())
+        if f.exception() is not None and not self.closed:
+            log.warning("AMI %s unreachable (%s); retrying in %.1fs", self.name,
+                        type(f.exception()).__name__, self.reconnect_timeout)
+        self.delay = min(self.delay * 2, MAX_BACKOFF)
+        super().connection_made(f)
+
+    def login(self, future: asyncio.Future[Any]) -> bool:
+        if future.cancelled() or future.exception() is not None:
+            self.authenticated_future = None
+            return False
+        ok = bool(super().login(future))
+        if not ok:
+            response = future.result()
+            log.error("AMI %s refused the login of user %r: %s (check manager.conf)",
+                      self.name, self.config.get("username"),
+                      getattr(response, "message", None) or "no reason given")
+        return ok
+
+    def connection_lost(self, exc: Any) -> None:
+        self.fail_inflight("connection lost")
+        if self.closed:
+            return
+        super().connection_lost(exc)
+
+    def fail_inflight(self, why: str) -> None:
+        for fut in list(self.inflight):
+            if not fut.done():
+                fut.set_exception(AmiError(f"AMI {self.name}: {why}"))
+        self.inflight.clear()
+
+    def close(self) -> None:
+        self.closed = True
+        self.fail_inflight("closed")
+        super().close()
+
 
 class AmiPool:
     """A few authenticated AMI connections, used round-robin; they reconnect by themselves."""
 
     def __init__(self, settings: AmiSettings) -> None:
         self.settings = settings
-        self._managers: list[Manager] = []
+        self._managers: list[_Connection] = []
         self._logged_in: list[asyncio.Event] = []
         self._next = itertools.count()
+        self.logins = 0  # how many logins so far (tests watch reconnects with it)
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def connected(self) -> int:
+        return sum(e.is_set() for e in self._logged_in)
 
     async def connect(self, wait: float | None = None) -> None:
         """Open the connections; wait up to ``wait`` seconds for one login (None: don't wait)."""
@@ -38,17 +114,24 @@ class AmiPool:
         for _ in range(self.settings.connections):
             ready = asyncio.Event()
 
-            def on_login(_m: Manager, ready: asyncio.Event = ready) -> None:
-                log.info("AMI connected to %s:%s", self.settings.host, self.settings.port)
+            def on_login(m: _Connection, ready: asyncio.Event = ready) -> None:
+                self.logins += 1
+                if m.was_up:
+                    log.info("AMI reconnected to %s", self.where)
+                else:
+                    log.info("AMI connected to %s", self.where)
+                m.was_up = True
+                m.delay = 0.5
                 ready.set()
 
-            def on_disconnect(_m: Manager, _exc: object, ready: asyncio.Event = ready) -> None:
-                if ready.is_set():
-                    log.warning("AMI connection lost; reconnecting")
+            def on_disconnect(m: _Connection, _exc: object,
+                              ready: asyncio.Event = ready) -> None:
+                if ready.is_set() and not m.closed:
+                    log.warning("AMI connection to %s lost; reconnecting", self.where)
                 ready.clear()
 
-            manager = Manager(
-                loop=loop, host=self.settings.host, port=self.settings.port,
+            manager = _Connection(
+                self.where, loop=loop, host=self.settings.host, port=self.settings.port,
                 username=self.settings.username, secret=self.settings.password,
                 events="off", encoding="utf8", reconnect_timeout=1, ping_delay=10,
                 on_login=on_login, on_disconnect=on_disconnect,
@@ -60,9 +143,7 @@ class AmiPool:
             try:
                 await asyncio.wait_for(self._any_ready(), wait)
             except TimeoutError as exc:
-                raise AmiError(
-                    f"AMI at {self.settings.host}:{self.settings.port}: no login within {wait:g}s"
-                ) from exc
+                raise AmiError(f"AMI at {self.where}: no login within {wait:g}s") from exc
 
     async def _any_ready(self) -> None:
         while not any(e.is_set() for e in self._logged_in):
@@ -71,29 +152,40 @@ class AmiPool:
     def close(self) -> None:
         for manager in self._managers:
             manager.close()
-            # Stop panoramisk's own reconnect loop.
-            manager.connection_lost = lambda exc: None  # type: ignore[method-assign]
+
+    def drop(self) -> None:
+        """Close the current TCP connections; they reconnect (for tests and diagnostics)."""
+        for manager in self._managers:
+            if manager.protocol is not None:
+                manager.protocol.transport.close()
 
     async def action(self, fields: Mapping[str, str]) -> Any:
         """Send one action on a logged-in connection; AmiError unless it succeeds."""
+        name = fields.get("Action", "?")
+        for key, value in fields.items():
+            # A CR or LF would end the header and let channel data inject AMI fields.
+            if any(c in str(key) + str(value) for c in "\r\n\0"):
+                raise AmiError(f"AMI {name}: refusing a value with a line break in {key}")
         ready = [i for i, e in enumerate(self._logged_in) if e.is_set()]
         if not ready:
-            raise AmiError("AMI is not connected")
-        index = ready[next(self._next) % len(ready)]
+            raise AmiError(f"AMI {name}: not connected to {self.where}")
+        manager = self._managers[ready[next(self._next) % len(ready)]]
         try:
-            response = await asyncio.wait_for(
-                self._managers[index].send_action(dict(fields)), self.settings.timeout
-            )
-        except TimeoutError as exc:
-            raise AmiError(f"AMI {fields.get('Action')}: no answer in "
-                           f"{self.settings.timeout:g}s") from exc
+            future = manager.send_action(dict(fields))
         except (OSError, AttributeError) as exc:  # AttributeError: no transport yet
-            raise AmiError(f"AMI {fields.get('Action')}: connection failed") from exc
+            raise AmiError(f"AMI {name}: connection failed") from exc
+        manager.inflight.add(future)
+        try:
+            response = await asyncio.wait_for(asyncio.shield(future), self.settings.timeout)
+        except TimeoutError as exc:
+            raise AmiError(f"AMI {name}: no answer in {self.settings.timeout:g}s") from exc
+        finally:
+            manager.inflight.discard(future)
         if isinstance(response, list):
             response = response[0] if response else None
         if response is None or not getattr(response, "success", False):
             message = getattr(response, "message", None) or "no response"
-            raise AmiError(f"AMI {fields.get('Action')}: {message}")
+            raise AmiError(f"AMI {name}: {message}")
         return response
 
 

@@ -19,6 +19,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -65,47 +66,63 @@ class AriClient:
         self, method: str, path: str, params: Params | None = None, body: Any = None,
         ok_missing: bool = False,
     ) -> Any:
-        """One REST call. ``ok_missing``: a 404 is fine (e.g. stopping a finished playback)."""
+        """One REST call. ``ok_missing``: a 404 is fine (e.g. stopping a finished playback).
+
+        A GET or DELETE that meets a dropped keep-alive connection (Asterisk restarted)
+        is tried once more on a fresh one; other methods are not, as they may have
+        taken effect.
+        """
         url = f"{self.settings.url}/ari{path}"
         query = {k: str(v) for k, v in (params or {}).items()}
-        try:
-            async with self.session.request(method, url, params=query, json=body) as resp:
-                if resp.status == 404 and ok_missing:
-                    return None
-                if resp.status >= 400:
-                    text = (await resp.text())[:200]
-                    raise AriError(f"ARI {method} {path}: HTTP {resp.status} {_message(text)}")
-                if resp.status == 204:
-                    return None
-                text = await resp.text()
-                return json.loads(text) if text else None
-        except TimeoutError as exc:
-            raise AriError(f"ARI {method} {path}: no answer in {self.settings.timeout:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise AriError(f"ARI {method} {path}: {type(exc).__name__}") from exc
+        attempts = 2 if method in ("GET", "DELETE") else 1
+        for attempt in range(attempts):
+            try:
+                async with self.session.request(method, url, params=query, json=body) as resp:
+                    if resp.status == 404 and ok_missing:
+                        return None
+                    if resp.status >= 400:
+                        text = (await resp.text())[:200]
+                        raise AriError(
+                            f"ARI {method} {path}: HTTP {resp.status} {_message(text)}")
+                    if resp.status == 204:
+                        return None
+                    text = await resp.text()
+                    return json.loads(text) if text else None
+            except TimeoutError as exc:
+                raise AriError(
+                    f"ARI {method} {path}: no answer in {self.settings.timeout:g}s") from exc
+            except aiohttp.ClientConnectionError as exc:
+                if attempt + 1 < attempts:
+                    continue
+                raise AriError(f"ARI {method} {path}: {type(exc).__name__}") from exc
+            except aiohttp.ClientError as exc:
+                raise AriError(f"ARI {method} {path}: {type(exc).__name__}") from exc
+            except ValueError as exc:  # not JSON: a proxy or a broken server
+                raise AriError(f"ARI {method} {path}: the answer is not JSON") from exc
+        raise AssertionError("unreachable")
 
     async def info(self) -> dict[str, Any]:
         return await self.request("GET", "/asterisk/info")
 
     async def answer(self, channel_id: str) -> None:
-        await self.request("POST", f"/channels/{channel_id}/answer")
+        await self.request("POST", f"/channels/{_seg(channel_id)}/answer")
 
     async def play(self, channel_id: str, playback_id: str, media: tuple[str, ...],
                    language: str | None = None) -> None:
         params: dict[str, str] = {"media": ",".join(media)}
         if language:
             params["lang"] = language
-        await self.request("POST", f"/channels/{channel_id}/play/{playback_id}", params)
+        await self.request("POST", f"/channels/{_seg(channel_id)}/play/{_seg(playback_id)}", params)
 
     async def stop_playback(self, playback_id: str) -> None:
-        await self.request("DELETE", f"/playbacks/{playback_id}", ok_missing=True)
+        await self.request("DELETE", f"/playbacks/{_seg(playback_id)}", ok_missing=True)
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
-        await self.request("POST", f"/channels/{channel_id}/variable",
+        await self.request("POST", f"/channels/{_seg(channel_id)}/variable",
                            {"variable": name, "value": value})
 
     async def get_variable(self, channel_id: str, name: str) -> str | None:
-        data = await self.request("GET", f"/channels/{channel_id}/variable",
+        data = await self.request("GET", f"/channels/{_seg(channel_id)}/variable",
                                   {"variable": name}, ok_missing=True)
         return None if data is None else data.get("value")
 
@@ -119,14 +136,14 @@ class AriClient:
             params["extension"] = extension
         if priority:
             params["priority"] = priority
-        await self.request("POST", f"/channels/{channel_id}/continue", params)
+        await self.request("POST", f"/channels/{_seg(channel_id)}/continue", params)
 
     async def hangup(self, channel_id: str) -> None:
-        await self.request("DELETE", f"/channels/{channel_id}", ok_missing=True)
+        await self.request("DELETE", f"/channels/{_seg(channel_id)}", ok_missing=True)
 
     async def send_dtmf(self, channel_id: str, dtmf: str, between: int = 100,
                         duration: int = 100) -> None:
-        await self.request("POST", f"/channels/{channel_id}/dtmf",
+        await self.request("POST", f"/channels/{_seg(channel_id)}/dtmf",
                            {"dtmf": dtmf, "between": between, "duration": duration})
 
     async def originate(self, endpoint: str, app: str, app_args: str = "",
@@ -143,13 +160,13 @@ class AriClient:
         return await self.request("POST", "/channels", params, body)
 
     async def channel(self, channel_id: str) -> dict[str, Any] | None:
-        return await self.request("GET", f"/channels/{channel_id}", ok_missing=True)
+        return await self.request("GET", f"/channels/{_seg(channel_id)}", ok_missing=True)
 
     async def channels(self) -> list[dict[str, Any]]:
         return await self.request("GET", "/channels") or []
 
     async def application(self, app: str) -> dict[str, Any] | None:
-        return await self.request("GET", f"/applications/{app}", ok_missing=True)
+        return await self.request("GET", f"/applications/{_seg(app)}", ok_missing=True)
 
     # -- events -----------------------------------------------------------
 
@@ -164,16 +181,26 @@ class AriClient:
         """
         url = f"{self.settings.url}/ari/events"
         delay = 0.2
+        lost_at: float | None = None  # loop time when the connection went away
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 async with self.session.ws_connect(
                     url, params={"app": app, "subscribeAll": "false"},
-                    heartbeat=20, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                    heartbeat=10, timeout=aiohttp.ClientWSTimeout(ws_close=5),
                 ) as ws:
-                    log.info("ARI events connected for app %s", app)
+                    if lost_at is None:
+                        log.info("ARI events connected for app %s", app)
+                    else:
+                        log.warning("ARI events reconnected for app %s after %.1fs",
+                                    app, loop.time() - lost_at)
+                    lost_at = None
                     delay = 0.2
                     if on_connect is not None:
-                        await on_connect()
+                        try:
+                            await on_connect()
+                        except Exception:  # a bug in the hook must not stop the events
+                            log.exception("ARI on_connect hook failed; events go on")
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
                             try:
@@ -183,21 +210,42 @@ class AriClient:
                                 continue
                             # Other apps' events reach us too (e.g. the far half of a
                             # Local channel): keep only ours.
-                            if event.get("application", app) == app:
+                            if isinstance(event, dict) and event.get("application", app) == app:
                                 yield event
                         elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
                             break
-                log.warning("ARI events connection closed; reconnecting")
+                lost_at = loop.time()
+                log.warning("ARI events connection for app %s lost; reconnecting", app)
             except (aiohttp.ClientError, TimeoutError, OSError, AriError) as exc:
-                log.warning("ARI events unavailable (%s); retrying in %.1fs",
-                            type(exc).__name__, delay)
+                if lost_at is None:
+                    lost_at = loop.time()
+                why = type(exc).__name__
+                if isinstance(exc, aiohttp.WSServerHandshakeError):
+                    why = f"HTTP {exc.status}"
+                    if exc.status == 401:
+                        why += ", check the ARI username and password"
+                log.warning("ARI events for app %s unavailable (%s), down %.0fs; "
+                            "retrying in %.1fs", app, why, loop.time() - lost_at, delay)
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, max_backoff)
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: channel data must never add segments or a query.
+
+    ``.``/``..`` would survive quoting (URL normalisation resolves them), so ids made
+    only of dots, like empty ids, are refused.
+    """
+    text = str(value)
+    if not text.strip("."):
+        raise AriError(f"refusing the id {text!r} in an ARI path")
+    return quote(text, safe="")
 
 
 def _message(text: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return " ".join(text.split())
+        # An HTML error page (e.g. 503 while Asterisk shuts down) says nothing more.
+        return "" if text.lstrip().startswith("<") else " ".join(text.split())
     return str(data.get("message", "")) if isinstance(data, dict) else ""

@@ -13,6 +13,8 @@ keeping the digest, so the chain still verifies and nothing can be guessed back.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -22,7 +24,8 @@ import secrets
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -99,8 +102,14 @@ def parse_iso(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
+# Built once: json.dumps() with options builds a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_SORTED = json.JSONEncoder(sort_keys=True)
+_PLAIN = json.JSONEncoder()
+
+
 def canonical(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def personal_digest(row: Mapping[str, Any], salt: str) -> str:
@@ -199,23 +208,42 @@ class ConsentLog:
             "notice_version": rec.notice_version,
             "started_at": iso(rec.started_at),
             "decided_at": iso(rec.decided_at),
-            "keys": json.dumps([
+            "keys": _PLAIN.encode([
                 {"digit": k.digit, "at": iso(k.at), "step": k.step} for k in rec.keys
             ]),
-            "decisions": json.dumps(dict(rec.decisions), sort_keys=True),
-            "retention_until": json.dumps(
-                {k: iso(v) for k, v in rec.retention_until.items()}, sort_keys=True
+            "decisions": _SORTED.encode(dict(rec.decisions)),
+            "retention_until": _SORTED.encode(
+                {k: iso(v) for k, v in rec.retention_until.items()}
             ),
             "recording_path": rec.recording_path,
             "recording_until": iso(rec.recording_until) if rec.recording_until else None,
             "outcome": rec.outcome,
         }
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One durable transaction (one fsync) for every write made inside it.
+
+        Writes that open their own transaction (``append_many``, ``_update``) join an
+        open one instead, so :class:`GroupCommitter` can commit a batch at once.
+        """
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if self.conn.in_transaction:  # a write inside may have committed it already
+                self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
     def append_many(self, records: list[DecisionRecord]) -> None:
         """Commit these rows in one durable transaction, chained in order."""
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self.transaction():
                 last = self.conn.execute(
                     "SELECT seq, row_hash FROM calls ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
@@ -233,10 +261,6 @@ class ConsentLog:
                     marks = ",".join("?" * len(row))
                     self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({marks})",
                                       list(row.values()))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot write the consent log: {exc}") from exc
 
@@ -253,8 +277,7 @@ class ConsentLog:
 
     def _update(self, sql: str, params: tuple[object, ...]) -> None:
         try:
-            with self.conn:
-                self.conn.execute("BEGIN IMMEDIATE")
+            with self.transaction():
                 self.conn.execute(sql, params)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot update the consent log: {exc}") from exc
@@ -337,26 +360,92 @@ class GroupCommitter:
                         self._queue.put(None)
                         break
                     batch.append(nxt)
-                self._write(log, batch)
+                try:
+                    self._write(log, batch)
+                except Exception as exc:  # the writer must outlive any one batch
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
         finally:
             log.close()
 
     @staticmethod
     def _write(log: ConsentLog, batch: list[tuple[str, Any, Future[None]]]) -> None:
-        appends = [(p, f) for k, p, f in batch if k == "append"]
+        """The whole batch in one transaction: one fsync however many calls wrote.
+
+        Appends go first, chained in order, then the updates. Each runs in its own
+        savepoint, so a failing write undoes only itself; it is then tried once more
+        on its own after the commit (so a write that cannot join a transaction still
+        works), and only that retry's outcome reaches its future. Futures are
+        resolved only once their write is durable.
+        """
+        appends = [p for k, p, _ in batch if k == "append"]
+        writes: list[tuple[Callable[[], object], list[Future[None]]]] = []
         if appends:
-            try:
-                log.append_many([p for p, _ in appends])
-                for _, f in appends:
-                    f.set_result(None)
-            except BaseException as exc:
-                for _, f in appends:
-                    f.set_exception(exc)
+            # _apply looks the method up inside the write's try: a log that opens
+            # lazily may raise right there.
+            writes.append((functools.partial(_apply, log, "append_many", (appends,)),
+                           [f for k, _, f in batch if k == "append"]))
         for kind, payload, fut in batch:
-            if kind == "append":
-                continue
+            if kind != "append":
+                writes.append((functools.partial(_apply, log, kind, payload), [fut]))
+        durable: list[Future[None]] = []
+        retry: list[tuple[Callable[[], object], list[Future[None]]]] = []
+        pending = deque(writes)
+        while pending:
+            done: list[Future[None]] = []
             try:
-                getattr(log, kind)(*payload)
-                fut.set_result(None)
+                with log.transaction():
+                    while pending:
+                        write, futures = pending.popleft()
+                        try:
+                            with _savepoint(log.conn):
+                                write()
+                        except Exception:
+                            retry.append((write, futures))
+                            continue
+                        done.extend(futures)
+                        if not log.conn.in_transaction:
+                            break  # that write committed on its own: what is done is durable
+            except BaseException as exc:  # the commit failed: none of these is durable
+                error: BaseException = exc
+                if isinstance(exc, sqlite3.Error):
+                    error = StoreError(f"{log.path}: cannot write the consent log: {exc}")
+                for fut in durable:  # committed by an earlier round
+                    fut.set_result(None)
+                failed = [*done, *(f for _, fs in (*pending, *retry) for f in fs)]
+                for fut in failed:
+                    fut.set_exception(error)
+                return
+            durable.extend(done)
+        for fut in durable:
+            fut.set_result(None)
+        for write, futures in retry:
+            try:
+                write()
             except BaseException as exc:
-                fut.set_exception(exc)
+                for fut in futures:
+                    fut.set_exception(exc)
+            else:
+                for fut in futures:
+                    fut.set_result(None)
+
+
+def _apply(log: ConsentLog, kind: str, payload: Any) -> object:
+    """One queued write: the log's method named ``kind``, called with ``payload``."""
+    return getattr(log, kind)(*payload)
+
+
+@contextlib.contextmanager
+def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """A nested transaction: a failure undoes only what ran inside it."""
+    conn.execute("SAVEPOINT consentivr_write")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK TO consentivr_write")
+            conn.execute("RELEASE consentivr_write")
+        raise
+    if conn.in_transaction:  # else the write committed, which released the savepoint
+        conn.execute("RELEASE consentivr_write")

@@ -1,0 +1,473 @@
+"""Retention and data-subject rights: ``purge``, ``verify``, ``subject``, ``callbacks``.
+
+Exit codes (the same for every command here):
+
+\b
+  0  done
+  1  could not run: bad config, unreadable log, I/O error, aborted
+  2  usage error (a bad option)
+  3  ran, but something needs a person: a recording left alone (symlink,
+     outside the dir, permission), a broken hash chain, an erasure left unfinished
+  4  another purge or erasure is running (the lock is held): try again later
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+
+from consentivr.audit import count_rows, verify_chain
+from consentivr.config import Settings, load_settings
+from consentivr.errors import ConfigError, ConsentivrError, StoreError
+from consentivr.retention import (
+    DEFAULT_BATCH,
+    PurgeBusy,
+    PurgeOptions,
+    PurgeReport,
+    count_due,
+    open_log,
+    parse_as_of,
+    run_purge,
+    show_path,
+)
+from consentivr.store import CallerKey, load_or_create_key
+from consentivr.subject import (
+    callback_list,
+    erase_plan,
+    erase_subject,
+    export_subject,
+    normalise_number,
+)
+
+DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
+EXIT_PROBLEMS = 3
+EXIT_BUSY = 4
+_SHOWN = 50  # warnings printed in full before "... and N more"
+
+
+# The same --config option and error style as consentivr.cli; kept here so this
+# module does not import the package root that registers it.
+def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config", "-c", "config_path", type=click.Path(dir_okay=False),
+        default=lambda: os.environ.get("CONSENTIVR_CONFIG", DEFAULT_CONFIG),
+        show_default=f"$CONSENTIVR_CONFIG or {DEFAULT_CONFIG}",
+        help="The service config file.",
+    )(f)
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Library errors as one-line CLI errors; config errors list every problem."""
+    try:
+        yield
+    except ConfigError as exc:
+        for line in exc.problems[:-1]:
+            click.echo(f"Error: {line}", err=True)
+        raise click.ClickException(exc.problems[-1] if exc.problems else "invalid config") \
+            from None
+    except ConsentivrError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}".strip(": ")) \
+            from None
+
+
+def settings_from(config_path: str) -> Settings:
+    with friendly_errors():
+        return load_settings(config_path)
+
+
+class Busy(click.ClickException):
+    exit_code = EXIT_BUSY
+
+
+class NeedsAttention(click.ClickException):
+    exit_code = EXIT_PROBLEMS
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with s, m, h or d: ``300``, ``5m``, ``7d``."""
+
+    name = "duration"
+    _units: ClassVar[dict[str, int]] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if match is None:
+            self.fail(f"{value!r}: expected seconds or e.g. 5m, 2h, 7d", param, ctx)
+        return float(match[1]) * self._units[match[2]]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One-line errors; a held purge lock gets its own exit code."""
+    with friendly_errors():
+        try:
+            yield
+        except PurgeBusy as exc:
+            raise Busy(str(exc)) from None
+
+
+class IsoDate(click.ParamType):
+    """``2025-03-01``, ``2025-03-01T12:00:00Z`` or with an offset; naive means UTC."""
+
+    name = "iso-date"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_as_of(str(value))
+        except ConsentivrError:
+            self.fail(f"{value!r}: expected an ISO date or date-time, e.g. 2025-03-01T12:00:00Z",
+                      param, ctx)
+
+
+def _as_of(value: float | None) -> float:
+    return time.time() if value is None else value
+
+
+@contextmanager
+def _progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal's stderr only: systemd and cron logs stay clean."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=max(total or 0, 1), label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _key(settings: Settings) -> CallerKey:
+    with _errors():
+        return load_or_create_key(settings.database, settings.caller_key)
+
+
+def _echo_list(lines: list[str], prefix: str) -> None:
+    for line in lines[:_SHOWN]:
+        click.echo(f"{prefix}: {line}", err=True)
+    if len(lines) > _SHOWN:
+        click.echo(f"{prefix}: ... and {len(lines) - _SHOWN} more (see --json)", err=True)
+
+
+# --- purge -----------------------------------------------------------------------
+
+
+@click.command("purge")
+@config_option
+@click.option("--dry-run", is_flag=True, help="List what would go; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's report as JSON.")
+@click.option("--as-of", type=IsoDate(), metavar="ISO-DATE",
+              help="Purge as if it were this date (UTC unless an offset is given).")
+@click.option("--grace", type=Duration(), default="5m", show_default=True,
+              help="A recording modified this recently belongs to a call in progress: kept.")
+@click.option("--delete-orphans", is_flag=True,
+              help="Delete files no log row refers to, once older than --orphan-grace.")
+@click.option("--orphan-grace", type=Duration(), default="7d", show_default=True,
+              help="How old an orphan file must be before --delete-orphans removes it.")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH,
+              show_default=True, help="Rows per transaction.")
+def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float | None,
+                  grace: float, delete_orphans: bool, orphan_grace: float,
+                  batch_size: int) -> None:
+    """Delete recordings past retention and redact old consent-log rows.
+
+    Recordings go when their purpose's retention has passed; log rows lose their
+    personal fields after log_retention_days (a proof row stays: decision, time,
+    notice version, hash chain); callback numbers are cleared when the callback
+    purpose ends. Every run, dry or not, is written to the purge log. Safe to run
+    nightly from a timer; exit codes are in `consentivr purge --help` of the docs.
+
+    \b
+    Exit codes: 0 done, 1 could not run, 2 usage, 3 something was left alone
+    (see the problems printed), 4 another purge is running.
+
+    \b
+    Example:
+      consentivr purge --dry-run
+      consentivr purge --json | jq .counts
+      consentivr purge --as-of 2025-01-31T00:00:00Z --dry-run
+    """
+    settings = settings_from(config_path)
+    opts = PurgeOptions(
+        as_of=_as_of(as_of), log_retention_days=settings.log_retention_days,
+        dry_run=dry_run, grace=grace, delete_orphans=delete_orphans,
+        orphan_grace=orphan_grace, batch_size=batch_size,
+    )
+    interactive = sys.stderr.isatty() and not as_json
+    with _errors():
+        bar_total = _count_due(settings, opts) if interactive else None
+        with _progress(bar_total, "purging", quiet=not interactive) as tick:
+            report = run_purge(settings.database, settings.recordings.dir, opts,
+                               progress=tick)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_purge(report)
+    if report.problems:
+        raise NeedsAttention(f"{len(report.problems)} item(s) left alone; see above")
+
+
+def _count_due(settings: Settings, opts: PurgeOptions) -> int:
+    conn = open_log(settings.database)
+    try:
+        return count_due(conn, opts)
+    finally:
+        conn.close()
+
+
+_DRY_VERBS = {
+    "recording_deleted": "would delete recording",
+    "recording_missing": "would mark missing recording",
+    "redacted": "would redact row",
+    "caller_cleared": "would clear callback number",
+    "orphan_deleted": "would delete orphan",
+    "orphan_found": "orphan, kept",
+}
+
+
+def _print_purge(report: PurgeReport) -> None:
+    c = report.counts
+    verb = "would" if report.dry_run else "did"
+    if report.dry_run:
+        for action, seq, path in report.items:
+            what = f"seq {seq}" if seq is not None else ""
+            where = show_path(path) if path else ""
+            click.echo(f"{_DRY_VERBS.get(action, action)}: {what}{' ' if what and where else ''}"
+                       f"{where}")
+    _echo_list(report.warnings, "warning")
+    _echo_list(report.problems, "problem")
+    recovered = (f"; finished {report.recovered} deletion(s) of an interrupted run"
+                 if report.recovered else "")
+    click.echo(
+        f"purge run {report.run_id} ({'dry run, ' if report.dry_run else ''}as of "
+        f"{report.to_json()['as_of']}): {verb} delete {c['recordings_deleted']} recording(s), "
+        f"{c['recordings_missing']} missing; redact {c['rows_redacted']} row(s); clear "
+        f"{c['callers_cleared']} callback number(s); {c['orphans_found']} orphan(s), "
+        f"{c['orphans_deleted']} deleted; {c['in_progress']} in progress kept; "
+        f"{c['refused']} left alone{recovered}"
+    )
+
+
+# --- verify ----------------------------------------------------------------------
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise StoreError(f"{path}: no consent log here")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        conn.execute("SELECT 1 FROM calls LIMIT 1")
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
+    return conn
+
+
+@click.command("verify")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(config_path: str, as_json: bool) -> None:
+    """Check the consent log's hash chain from the first row to the last.
+
+    Finds a row that was edited, deleted, inserted or moved, and names the first
+    bad one. Redacted rows (after purge or erasure) still verify. Note the head
+    hash it prints: comparing it later also proves nothing was cut off the end.
+
+    \b
+    Exit codes: 0 the chain is whole, 1 could not read the log, 3 the chain is broken.
+
+    \b
+    Example:
+      consentivr verify
+      consentivr verify --json | jq .head_hash
+    """
+    settings = settings_from(config_path)
+    with _errors():
+        conn = _read_only(settings.database)
+        try:
+            interactive = sys.stderr.isatty() and not as_json
+            total = count_rows(conn) if interactive else None
+            with _progress(total, "verifying", quiet=not interactive) as tick:
+                report = verify_chain(conn, tick)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{settings.database}: cannot read the consent log: {exc}") \
+                from exc
+        finally:
+            conn.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif report.ok:
+        click.echo(f"ok: {report.rows} row(s), {report.redacted} redacted; "
+                   f"head seq {report.head_seq} hash {report.head_hash}")
+    if not report.ok:
+        call = f" (call {report.bad_call_id})" if report.bad_call_id else ""
+        raise NeedsAttention(f"chain broken at row seq {report.bad_seq}{call}: {report.problem}")
+
+
+# --- subject --------------------------------------------------------------------------
+
+
+@click.group("subject")
+def subject_group() -> None:
+    """Answer a data subject's access (art. 15) or erasure (art. 17) request.
+
+    \b
+    Example:
+      consentivr subject export --caller +31201234567 --out /root/request-42
+      consentivr subject erase --caller +31201234567
+    """
+
+
+@subject_group.command("export")
+@config_option
+@click.option("--caller", "number", required=True, metavar="NUMBER",
+              help="The caller's number as the PBX saw it, e.g. +31201234567.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write subject.json and copies of the recordings here (a new dir).")
+def subject_export(config_path: str, number: str, out: Path | None) -> None:
+    """Everything held about a number: the log rows as JSON, plus the recordings.
+
+    Without --out, the rows are printed as JSON and the recordings are only named.
+
+    \b
+    Example:
+      consentivr subject export --caller +31201234567 --out ./request-42
+      consentivr subject export --caller +31201234567 | jq '.rows | length'
+    """
+    settings = settings_from(config_path)
+    key = _key(settings)
+    with _errors():
+        number = normalise_number(number)
+        conn = open_log(settings.database)
+        try:
+            export = export_subject(conn, settings.recordings.dir, key, number, out)
+        finally:
+            conn.close()
+    if out is None:
+        click.echo(json.dumps(export.to_json(), indent=2, ensure_ascii=False))
+        return
+    for path in export.missing:
+        click.echo(f"warning: recording {show_path(path)} not found", err=True)
+    click.echo(f"wrote {len(export.rows)} row(s) and {len(export.recordings)} recording(s) "
+               f"to {out}")
+
+
+@subject_group.command("erase")
+@config_option
+@click.option("--caller", "number", required=True, metavar="NUMBER",
+              help="The caller's number as the PBX saw it, e.g. +31201234567.")
+@click.option("--yes", "assume_yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the erase run's report as JSON.")
+def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool) -> None:
+    """Erase a number's recordings and personal data now (GDPR art. 17).
+
+    Rows keep their non-personal proof (decision, time, notice version) so the
+    hash chain still verifies; the purge log records an 'erase' run with the row
+    numbers, nothing that points back to the person.
+
+    \b
+    Exit codes: 0 erased (or nothing held), 1 aborted or could not run,
+    3 a recording was still being written (erase again later), 4 a purge is running.
+
+    \b
+    Example:
+      consentivr subject erase --caller +31201234567
+      consentivr subject erase --caller +31201234567 --yes --json
+    """
+    settings = settings_from(config_path)
+    key = _key(settings)
+    with _errors():
+        number = normalise_number(number)
+        conn = open_log(settings.database)
+        try:
+            plan = erase_plan(conn, key, number)
+        finally:
+            conn.close()
+    if plan.rows == 0:
+        click.echo("nothing held about this number")
+        return
+    if not assume_yes:
+        click.confirm(f"Erase {plan.rows} log row(s) and {plan.recordings} recording(s) "
+                      "of this caller? This cannot be undone", abort=True, err=True)
+    with _errors():
+        report = erase_subject(settings.database, settings.recordings.dir, key, number)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _echo_list(report.warnings, "warning")
+        _echo_list(report.problems, "problem")
+        c = report.counts
+        click.echo(f"erase run {report.run_id}: erased {c['rows_redacted']} row(s), deleted "
+                   f"{c['recordings_deleted']} recording(s) ({c['recordings_missing']} "
+                   "already missing)")
+    if report.problems:
+        raise NeedsAttention("the erasure is not complete; see above")
+
+
+# --- callbacks ------------------------------------------------------------------------
+
+
+@click.group("callbacks")
+def callbacks_group() -> None:
+    """The quality-survey callback list.
+
+    \b
+    Example:
+      consentivr callbacks export --format csv > callbacks.csv
+    """
+
+
+@callbacks_group.command("export")
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
+              show_default=True)
+@click.option("--as-of", type=IsoDate(), metavar="ISO-DATE",
+              help="The list as it was (or will be) then.")
+def callbacks_export(config_path: str, fmt: str, as_of: float | None) -> None:
+    """Callers who said yes to the callback and are within its retention.
+
+    This is the list the quality team may call, and no one else: a later call
+    from the same number that did not say yes takes it off. One line per number.
+
+    \b
+    Example:
+      consentivr callbacks export > callbacks.csv
+      consentivr callbacks export --format json | jq '.[].number'
+    """
+    settings = settings_from(config_path)
+    when = _as_of(as_of)
+    with _errors():
+        conn = open_log(settings.database)
+        try:
+            rows = callback_list(conn, settings.flows, when)
+        finally:
+            conn.close()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    buf = io.StringIO()
+    fields = ["number", "call_id", "flow", "language", "decided_at", "callback_until"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    click.echo(buf.getvalue(), nl=False)
+
+
+COMMANDS = (purge_command, verify_command, subject_group, callbacks_group)

@@ -1,0 +1,324 @@
+"""Taking back calls left in our Stasis app while we were away.
+
+When consentivr is killed (or its events websocket drops) calls stay in Stasis:
+Asterisk keeps them in the app, playing nothing, until someone says what to do.
+On every (re)connect the app lists them (``GET /applications/{app}``) and
+finishes each one here, within about two seconds:
+
+- **a committed decision exists** (the consent log has a row for the channel's
+  uniqueid): the call goes on with that decision. If it allowed recording and
+  recording was confirmed, MixMonitor is still running in Asterisk; if we died
+  between the commit and Asterisk's confirmation, recording starts now (unless
+  Asterisk says it already runs). The log stays the only source of a yes.
+- **no committed decision**: nothing the caller pressed counts. A row is logged
+  with every purpose ``error`` and outcome ``error: ...``, so that no call goes
+  on without a row, and the call goes on unrecorded.
+
+Then the call continues to its flow's destination, or is hung up, as the
+``recovery`` setting says. The flow comes from the channel's dialplan
+application data (``Stasis(consentivr,<flow>)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from consentivr.errors import ConsentivrError, StoreError
+from consentivr.flow import (
+    CallFlow,
+    CallInfo,
+    CallStarted,
+    DecisionLogged,
+    Failed,
+    LogDecision,
+    SetVariables,
+)
+from consentivr.model import Decision, Destination, Flow
+
+log = logging.getLogger(__name__)
+
+BUDGET = 2.0  # seconds to finish one taken-back call
+RECOVERED = "taken back after a restart before the menu ended"
+_RECORDING_NAME = re.compile(r"[0-9a-f]{32}\.wav")
+_C = TypeVar("_C")
+
+
+@dataclass(frozen=True)
+class LoggedCall:
+    """What the consent log durably holds for one channel."""
+
+    call_id: str
+    flow: str
+    language: str
+    decisions: Mapping[str, str]
+    recording_path: str | None  # set only when the decision allowed recording
+    recording_confirmed: bool | None  # None: never marked (we died before)
+
+
+Lookup = Callable[[str], Awaitable["LoggedCall | None"]]
+Write = Callable[[str, Any], Awaitable[bool]]
+
+
+class RecoveryAri(Protocol):
+    async def channel(self, channel_id: str) -> dict[str, Any] | None: ...
+    async def stop_playback(self, playback_id: str) -> None: ...
+    async def get_variable(self, channel_id: str, name: str) -> str | None: ...
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+    async def continue_in_dialplan(self, channel_id: str, context: str = "",
+                                   extension: str = "", priority: int = 0) -> None: ...
+    async def hangup(self, channel_id: str) -> None: ...
+
+
+class RecoveryRecorder(Protocol):
+    async def start(self, channel: str, path: str, options: str) -> None: ...
+
+
+def playback_id(channel_id: str, n: int) -> str:
+    """The ARI id of the ``n``-th prompt played to a channel (1-based).
+
+    Derived from the channel so that recovery can stop a prompt a crashed process
+    started: Asterisk runs ``continue`` only after the current playback ends.
+    """
+    return f"{channel_id}-p{n}"
+
+
+def plays_bound(flow: Flow | None) -> int:
+    """At most how many prompts a call of this flow plays (each retry is one more)."""
+    if flow is None:
+        return 16
+    menu = flow.language_menu
+    plays = 1 + sum(p.retries + 1 for p in flow.purposes)
+    if menu is not None:
+        plays += menu.retries + 1
+    return plays + 2
+
+
+def flow_name_from_app_data(app_data: str) -> str | None:
+    """``consentivr,main`` -> ``main``; no second argument -> None (the default flow)."""
+    parts = [p.strip().strip('"') for p in app_data.split(",")]
+    return parts[1] if len(parts) > 1 and parts[1] else None
+
+
+def lookup_in(database: Path) -> Lookup:
+    """A lookup of the newest committed row for a uniqueid, read-only, off the event loop."""
+
+    def query(uniqueid: str) -> LoggedCall | None:
+        if not database.exists():
+            return None
+        try:
+            conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=1.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{database}: cannot read the consent log: {exc}") from exc
+        try:
+            row = conn.execute(
+                "SELECT call_id, flow, language, decisions, recording_path, "
+                "recording_confirmed FROM calls WHERE uniqueid = ? ORDER BY seq DESC LIMIT 1",
+                (uniqueid,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{database}: cannot read the consent log: {exc}") from exc
+        finally:
+            conn.close()
+        if row is None:
+            return None
+        call_id, flow, language, decisions, path, confirmed = row
+        try:
+            parsed = json.loads(decisions)
+        except ValueError:
+            parsed = {}
+        return LoggedCall(
+            call_id=str(call_id), flow=str(flow), language=str(language),
+            decisions={str(k): str(v) for k, v in dict(parsed).items()},
+            recording_path=path, recording_confirmed=None if confirmed is None else bool(confirmed),
+        )
+
+    async def lookup(uniqueid: str) -> LoggedCall | None:
+        return await asyncio.to_thread(query, uniqueid)
+
+    return lookup
+
+
+def _started_at(channel: Mapping[str, Any], fallback: float) -> float:
+    """The channel's ``creationtime`` (``2026-01-02T10:11:12.345+0000``) as epoch seconds."""
+    try:
+        return datetime.strptime(str(channel.get("creationtime")),
+                                 "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    except ValueError:
+        return fallback
+
+
+@dataclass
+class Outcome:
+    """What recovery did with one channel (logged, and read by tests)."""
+
+    channel_id: str
+    action: str = "gone"  # gone | continued | hung_up | failed
+    logged: bool = False  # a committed row backs the call's variables
+    resumed: bool = False  # the row existed before recovery
+    recording: bool = False
+
+
+class ChannelRecovery:
+    """Finishes one channel that sits in our app without a live session."""
+
+    def __init__(self, *, flows: Callable[[str | None], Flow | None], ari: RecoveryAri,
+                 recorder: RecoveryRecorder, lookup: Lookup | None, write: Write,
+                 recordings_dir: str, recording_options: str, mode: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.flows = flows
+        self.ari = ari
+        self.recorder = recorder
+        self.lookup = lookup
+        self.write = write
+        self.recordings_dir = recordings_dir.rstrip("/")
+        self.recording_options = recording_options
+        self.mode = mode
+        self.clock = clock
+
+    async def run(self, channel_id: str, *, caller: str | None = None,
+                  sanitize: Callable[[object], str] = str) -> Outcome:
+        outcome = Outcome(channel_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUDGET
+        channel = await self.ari.channel(channel_id)
+        if channel is None:
+            return outcome
+        dialplan = channel.get("dialplan") if isinstance(channel.get("dialplan"), dict) else {}
+        flow = self.flows(flow_name_from_app_data(sanitize((dialplan or {}).get("app_data", ""))))
+        variables: tuple[tuple[str, str], ...] = _unlogged(flow)
+        destination = flow.destination if flow else None
+        await self._stop_prompts(channel_id, flow)
+        try:
+            # Leave time for the final continue/hang-up within the budget.
+            variables = await asyncio.wait_for(
+                self._decide(channel_id, channel, flow, outcome, caller, sanitize),
+                max(0.1, deadline - loop.time() - 0.3))
+        except TimeoutError:
+            log.warning("channel %r: recovery ran out of time; goes on unrecorded", channel_id)
+            outcome.logged = outcome.recording = False
+            variables = _unlogged(flow)
+        if self.mode == "hangup":
+            await self.ari.hangup(channel_id)
+            outcome.action = "hung_up"
+        else:
+            await asyncio.gather(*(self.ari.set_variable(channel_id, k, v)
+                                   for k, v in variables))
+            d = destination or Destination("", "", 0)
+            await self.ari.continue_in_dialplan(channel_id, d.context, d.exten, d.priority)
+            outcome.action = "continued"
+        return outcome
+
+    async def _stop_prompts(self, channel_id: str, flow: Flow | None) -> None:
+        """Stop whatever prompt the last process left playing (a 404 is fine)."""
+        results = await asyncio.gather(
+            *(self.ari.stop_playback(playback_id(channel_id, n))
+              for n in range(1, plays_bound(flow) + 1)),
+            return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("channel %r: could not stop its prompts: %s", channel_id, failed[0])
+
+    async def _decide(self, channel_id: str, channel: Mapping[str, Any], flow: Flow | None,
+                      outcome: Outcome, caller: str | None,
+                      sanitize: Callable[[object], str]) -> tuple[tuple[str, str], ...]:
+        logged: LoggedCall | None = None
+        if self.lookup is not None:
+            try:
+                logged = await self.lookup(channel_id)
+            except ConsentivrError as exc:
+                log.error("channel %r: consent log lookup failed (%s); treating the call "
+                          "as undecided", channel_id, exc)
+        if logged is not None:
+            outcome.logged = outcome.resumed = True
+            return await self._resume(channel_id, sanitize(channel.get("name", "")), logged,
+                                      outcome)
+        if flow is None:
+            return _unlogged(None)
+        info = CallInfo(
+            call_id=_new_call_id(), channel_id=channel_id, linkedid=channel_id,
+            channel_name=sanitize(channel.get("name", "")), caller=caller,
+        )
+        machine = CallFlow(flow, info, self.recordings_dir)
+        now = self.clock()
+        machine.handle(CallStarted(_started_at(channel, now)))  # nothing is played
+        record = _only(machine.handle(Failed(RECOVERED, now)), LogDecision).record
+        ok = await self.write("append", record)
+        outcome.logged = ok
+        commands = machine.handle(DecisionLogged(ok, self.clock()))
+        return _only(commands, SetVariables).variables
+
+    async def _resume(self, channel_id: str, channel_name: str, logged: LoggedCall,
+                      outcome: Outcome) -> tuple[tuple[str, str], ...]:
+        recording = False
+        expected = f"{self.recordings_dir}/{logged.call_id}.wav"
+        allowed = (
+            logged.recording_path is not None
+            and logged.recording_path == expected
+            and _RECORDING_NAME.fullmatch(Path(expected).name) is not None
+        )
+        if allowed and logged.recording_confirmed:
+            recording = True  # MixMonitor lives in Asterisk: it outlived us
+        elif allowed and logged.recording_confirmed is None and self.mode != "hangup":
+            recording = await self._start_recording(channel_id, channel_name, logged, expected)
+        outcome.recording = recording
+        pairs = [
+            ("CONSENTIVR_CALL_ID", logged.call_id),
+            ("CONSENTIVR_LANGUAGE", logged.language),
+            ("CONSENTIVR_LOGGED", "yes"),
+            ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
+        ]
+        for name, value in logged.decisions.items():
+            if re.fullmatch(r"[A-Za-z0-9_]+", name) and value in {d.value for d in Decision}:
+                pairs.append((f"CONSENTIVR_DECISION_{name.upper()}", value))
+        return tuple(pairs)
+
+    async def _start_recording(self, channel_id: str, channel_name: str,
+                               logged: LoggedCall, path: str) -> bool:
+        """The yes was committed but recording never confirmed: confirm or start it now."""
+        try:
+            running = await self.ari.get_variable(channel_id, "MIXMONITOR_FILENAME")
+        except ConsentivrError:
+            running = None
+        error: str | None = None
+        if running:
+            ok = True
+        else:
+            try:
+                await asyncio.wait_for(
+                    self.recorder.start(channel_name, path, self.recording_options), 1.0)
+                ok = True
+            except (ConsentivrError, TimeoutError) as exc:
+                ok, error = False, str(exc) or "no answer"
+                log.warning("call %s: recording not confirmed on recovery: %s",
+                            logged.call_id, error)
+        await self.write("mark_recording", (logged.call_id, ok, error, self.clock()))
+        return ok
+
+
+def _unlogged(flow: Flow | None) -> tuple[tuple[str, str], ...]:
+    pairs = [("CONSENTIVR_LOGGED", "no"), ("CONSENTIVR_RECORDING", "no")]
+    for purpose in flow.purposes if flow else ():
+        pairs.append((f"CONSENTIVR_DECISION_{purpose.name.upper()}", Decision.ERROR.value))
+    return tuple(pairs)
+
+
+def _only(commands: list[Any], kind: type[_C]) -> _C:
+    found = [c for c in commands if isinstance(c, kind)]
+    if len(found) != 1:
+        raise ConsentivrError(f"recovery expected one {kind.__name__}, got {len(found)}")
+    return found[0]
+
+
+def _new_call_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,878 @@
+"""Retention: delete recordings past their deadline and redact old log rows.
+
+One purge run, in this order:
+
+1. **Recordings** whose ``recording_until`` has passed, and recordings of rows
+   past the log's own retention (the earlier deadline wins), are deleted.
+2. **Log rows** older than ``log_retention_days`` lose their personal fields and
+   salt; the proof (what was decided, when, on which notice) and the hash chain stay.
+3. **Callback numbers** kept in clear are cleared once ``callback_until`` has passed.
+4. **Orphans** (files in the recordings dir that no live row refers to) are
+   reported, and deleted only with ``delete_orphans`` once older than a grace.
+
+Safety rules (see ``docs/retention.md``):
+
+* only regular files strictly under the recordings dir are deleted; every path
+  component below the dir is opened with ``O_NOFOLLOW`` and the file is
+  ``lstat``-ed and unlinked relative to its directory's fd, so a symlink (or a
+  symlinked dir) is never followed, and ``..``/``.``/empty components are refused;
+* a file modified within ``grace`` seconds (wall clock) is a call in progress
+  and is kept, whatever the rows say;
+* the run holds an exclusive lock: two purges never interleave.
+
+Crash safety: before unlinking a batch the run commits one ``pending`` item per
+file (intent). After the unlinks, a second transaction marks the rows purged, turns
+the items ``done`` and adds to the run's counters. A run killed in between leaves
+``pending`` items; the next run (holding the lock, so the old run is dead) settles
+them first: a file that is gone was deleted by the old run and is counted there,
+once; a file still present is left to the normal pass. Redactions are single
+transactions, so they are atomic and idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from consentivr.errors import ConsentivrError, StoreError
+from consentivr.store import PERSONAL_FIELDS, iso, open_database
+
+DAY = 86400.0
+DEFAULT_GRACE = 300.0  # a file written within 5 minutes belongs to a live call
+DEFAULT_ORPHAN_GRACE = 7 * DAY
+DEFAULT_BATCH = 2000
+
+# The purge log. Items hold row numbers (seq) and, for orphans, the file's path
+# under the recordings dir (a call id file name): nothing personal.
+PURGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS purge_runs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,              -- purge | erase
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    as_of TEXT NOT NULL,
+    dry_run INTEGER NOT NULL,
+    status TEXT NOT NULL,            -- running | done | problems | interrupted
+    recordings_deleted INTEGER NOT NULL DEFAULT 0,
+    recordings_missing INTEGER NOT NULL DEFAULT 0,
+    rows_redacted INTEGER NOT NULL DEFAULT 0,
+    callers_cleared INTEGER NOT NULL DEFAULT 0,
+    orphans_found INTEGER NOT NULL DEFAULT 0,
+    orphans_deleted INTEGER NOT NULL DEFAULT 0,
+    in_progress INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    head_seq INTEGER,                -- the chain head when the run ended: an anchor
+    head_hash TEXT,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS purge_items (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES purge_runs(id),
+    seq INTEGER,                     -- calls.seq; NULL for an orphan file
+    action TEXT NOT NULL,            -- recording_deleted | recording_missing | redacted |
+                                     -- caller_cleared | orphan_deleted | erased
+    state TEXT NOT NULL,             -- pending | done
+    path TEXT,                       -- orphans only: the path under the recordings dir
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS purge_items_run ON purge_items(run_id);
+CREATE INDEX IF NOT EXISTS purge_items_pending ON purge_items(state) WHERE state = 'pending';
+-- Lets the purge find expired callback numbers without scanning the whole log.
+CREATE INDEX IF NOT EXISTS calls_callback_until ON calls(callback_until)
+    WHERE caller_number IS NOT NULL;
+"""
+
+_COUNTERS = (
+    "recordings_deleted", "recordings_missing", "rows_redacted", "callers_cleared",
+    "orphans_found", "orphans_deleted", "in_progress", "refused",
+)
+
+_REDACT_SET = ", ".join(f"{f}=NULL" for f in PERSONAL_FIELDS)
+
+
+class PurgeBusy(ConsentivrError):
+    """Another purge or erasure holds the lock."""
+
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def parse_as_of(text: str) -> float:
+    """``2025-03-01``, ``2025-03-01T12:00:00``, with ``Z`` or an offset; naive is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ConsentivrError(
+            f"--as-of {text!r}: expected an ISO date or date-time, e.g. 2025-03-01T12:00:00Z"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def open_log(path: Path) -> sqlite3.Connection:
+    """The consent log with the purge log's tables."""
+    conn = open_database(path)
+    try:
+        conn.executescript(PURGE_SCHEMA)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"{path}: cannot create the purge log: {exc}") from exc
+    return conn
+
+
+@contextlib.contextmanager
+def purge_lock(db_path: Path, wait: float = 0.0) -> Iterator[None]:
+    """One purge or erasure at a time; a held lock also proves no run is alive."""
+    lock_path = db_path.with_name(db_path.name + ".purge.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{lock_path}: cannot open the purge lock: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PurgeBusy(
+                        f"{lock_path}: another purge or erasure is running"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def show_path(path: str) -> str:
+    """A path as one printable line: odd names (newlines, quotes) are JSON-quoted."""
+    return path if path.isprintable() and '"' not in path else json.dumps(path)
+
+
+# --- safe file access -----------------------------------------------------------------
+
+
+class UnsafePath(Exception):
+    """A recording path that must not be touched (outside the dir, ``..``, symlink...)."""
+
+
+class RecordingsDir:
+    """fd-relative, symlink-refusing access to files under the recordings dir.
+
+    The configured dir itself is opened as given (an admin may point it at a
+    symlinked volume); nothing below it is followed.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.prefix = str(self.root).rstrip("/") + "/"
+        try:
+            self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.fd = -1  # no recordings yet: every file is missing
+        except OSError as exc:
+            raise StoreError(f"{root}: cannot open the recordings dir: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RecordingsDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def relative(self, recording_path: str) -> tuple[str, ...]:
+        """The path's components below the root, or :class:`UnsafePath`."""
+        if "\0" in recording_path:
+            raise UnsafePath("NUL in path")
+        if recording_path.startswith("/"):
+            if not recording_path.startswith(self.prefix):
+                raise UnsafePath("outside the recordings dir")
+            rest = recording_path[len(self.prefix):]
+        else:
+            rest = recording_path
+        if "/" not in rest:  # the common case, <dir>/<call id>.wav
+            if rest in ("", ".", ".."):
+                raise UnsafePath("'..', '.' or an empty component")
+            return (rest,)
+        parts = tuple(rest.split("/"))
+        if any(p in ("", ".", "..") for p in parts):
+            raise UnsafePath("'..', '.' or an empty component")
+        return parts
+
+    @contextlib.contextmanager
+    def parent(self, parts: Sequence[str]) -> Iterator[int]:
+        """The fd of the file's directory, opening each level with O_NOFOLLOW."""
+        if self.fd < 0:
+            raise FileNotFoundError(errno.ENOENT, "no recordings dir")
+        if len(parts) == 1:
+            yield self.fd  # the common case: <dir>/<call id>.wav
+            return
+        opened: list[int] = []
+        try:
+            fd = self.fd
+            for part in parts[:-1]:
+                try:
+                    fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePath("a directory on the way is a symlink") from exc
+                    raise
+                opened.append(fd)
+            yield fd
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def lstat(self, parts: Sequence[str]) -> os.stat_result:
+        if len(parts) == 1 and self.fd >= 0:
+            return os.lstat(parts[0], dir_fd=self.fd)  # fast path, no context manager
+        with self.parent(parts) as dfd:
+            return os.lstat(parts[-1], dir_fd=dfd)
+
+    def unlink(self, parts: Sequence[str]) -> None:
+        """Unlink a name the caller has ``lstat``-ed as a regular file.
+
+        ``unlink`` never follows a symlink: if the name were swapped for a link
+        since, the link itself would go, never its target.
+        """
+        if len(parts) == 1 and self.fd >= 0:
+            os.unlink(parts[0], dir_fd=self.fd)
+            return
+        with self.parent(parts) as dfd:
+            os.unlink(parts[-1], dir_fd=dfd)
+
+    def open_regular(self, parts: Sequence[str]) -> int:
+        """A read fd on a regular file, never through a symlink."""
+        with self.parent(parts) as dfd:
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafePath("a symlink") from exc
+                raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePath("not a regular file")
+        return fd
+
+    def walk(self) -> Iterator[str]:
+        """The relative path of every non-directory entry below the root.
+
+        Entries are typed by ``d_type`` (no stat); subdirectories are entered
+        fd-relative with ``O_NOFOLLOW``, so a symlinked directory is never entered.
+        """
+        if self.fd < 0:
+            return
+        stack: list[tuple[int, str]] = [(self.fd, "")]
+        while stack:
+            dfd, base = stack.pop()
+            try:
+                with os.scandir(dfd) as it:
+                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                for name, is_dir in entries:
+                    if not is_dir:
+                        yield base + name
+                        continue
+                    try:
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC, dir_fd=dfd)
+                    except OSError:
+                        continue  # replaced by a symlink or gone: not ours to enter
+                    stack.append((sub, f"{base}{name}/"))
+            finally:
+                if dfd != self.fd:
+                    os.close(dfd)
+
+
+# --- the report -----------------------------------------------------------------
+
+
+@dataclass
+class PurgeReport:
+    """What one run did (or, dry, would do). ``items`` are (action, seq, path)."""
+
+    run_id: int | None
+    as_of: float
+    dry_run: bool
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    items: list[tuple[str, int | None, str | None]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    recovered: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "as_of": iso(self.as_of),
+            "dry_run": self.dry_run,
+            "counts": dict(self.counts),
+            "recovered_from_interrupted_run": self.recovered,
+            "items": [{"action": a, "seq": s, "path": p} for a, s, p in self.items],
+            "warnings": list(self.warnings),
+            "problems": list(self.problems),
+        }
+
+
+@dataclass(frozen=True)
+class PurgeOptions:
+    as_of: float
+    log_retention_days: int
+    dry_run: bool = False
+    grace: float = DEFAULT_GRACE
+    delete_orphans: bool = False
+    orphan_grace: float = DEFAULT_ORPHAN_GRACE
+    batch_size: int = DEFAULT_BATCH
+
+
+Progress = Callable[[int], None]
+
+
+# --- the purge ------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """One page of recordings on its way: checked, intended, unlinked, marked."""
+
+    stamp: str
+    delete: list[tuple[int, tuple[str, ...], str]] = field(default_factory=list)
+    missing: list[tuple[int, str]] = field(default_factory=list)
+    item_ids: list[int] = field(default_factory=list)
+    deleted: list[tuple[int, str, int]] = field(default_factory=list)
+    failed: list[tuple[int, str, int, str]] = field(default_factory=list)
+
+
+class Purger:
+    """Runs purges and erasures against one consent log and recordings dir."""
+
+    def __init__(self, conn: sqlite3.Connection, recordings: RecordingsDir,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.conn = conn
+        self.rec = recordings
+        self.clock = clock  # wall clock: the in-progress and orphan graces use it
+
+    # -- runs --------------------------------------------------------------
+
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return _transaction(self.conn)
+
+    def start_run(self, kind: str, as_of: float, dry_run: bool) -> int:
+        with self._tx():
+            cur = self.conn.execute(
+                "INSERT INTO purge_runs (kind, started_at, as_of, dry_run, status) "
+                "VALUES (?, ?, ?, ?, 'running')",
+                (kind, iso(self.clock()), iso(as_of), int(dry_run)),
+            )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def finish_run(self, report: PurgeReport) -> None:
+        head = self.conn.execute(
+            "SELECT seq, row_hash FROM calls ORDER BY seq DESC LIMIT 1").fetchone()
+        summary = {"warnings": len(report.warnings), "problems": report.problems[:100],
+                   "recovered_from_interrupted_run": report.recovered}
+        with self._tx():
+            sets = ", ".join(f"{c}=?" for c in ("orphans_found", "in_progress", "refused"))
+            self.conn.execute(
+                f"UPDATE purge_runs SET finished_at=?, status=?, head_seq=?, head_hash=?, "
+                f"summary=?, {sets} WHERE id=?",
+                (iso(self.clock()), "problems" if report.problems else "done",
+                 head["seq"] if head else None, head["row_hash"] if head else None,
+                 json.dumps(summary), report.counts["orphans_found"],
+                 report.counts["in_progress"], report.counts["refused"], report.run_id),
+            )
+            if report.dry_run:
+                # A dry run's counters say what would have gone.
+                sets = ", ".join(f"{c}=?" for c in _COUNTERS[:4])
+                self.conn.execute(
+                    f"UPDATE purge_runs SET {sets}, orphans_deleted=? WHERE id=?",
+                    (*(report.counts[c] for c in _COUNTERS[:4]),
+                     report.counts["orphans_deleted"], report.run_id),
+                )
+
+    # -- recovery ------------------------------------------------------------
+
+    def recover(self, report: PurgeReport) -> None:
+        """Settle the pending items a killed run left; count each in its own run."""
+        pending = self.conn.execute(
+            "SELECT i.id, i.run_id, i.seq, i.action, i.path, c.recording_path "
+            "FROM purge_items i LEFT JOIN calls c ON c.seq = i.seq "
+            "WHERE i.state = 'pending'"
+        ).fetchall()
+        if not pending:
+            self._close_dead_runs()
+            return
+        now = iso(self.clock())
+        gone: list[sqlite3.Row] = []
+        still_there: list[int] = []
+        for item in pending:
+            path = item["path"] if item["seq"] is None else item["recording_path"]
+            if path is None:
+                gone.append(item)  # the row was redacted since: nothing left to check
+                continue
+            try:
+                self.rec.lstat(self.rec.relative(path))
+                still_there.append(item["id"])
+            except FileNotFoundError:
+                gone.append(item)
+            except (OSError, UnsafePath):
+                still_there.append(item["id"])
+        with self._tx():
+            for item in gone:
+                counter = ("orphans_deleted" if item["action"] == "orphan_deleted"
+                           else "recordings_deleted")
+                if item["seq"] is not None:
+                    self.conn.execute(
+                        "UPDATE calls SET recording_purged_at=? WHERE seq=? "
+                        "AND recording_purged_at IS NULL", (now, item["seq"]))
+                self.conn.execute("UPDATE purge_items SET state='done' WHERE id=?",
+                                  (item["id"],))
+                self.conn.execute(
+                    f"UPDATE purge_runs SET {counter}={counter}+1 WHERE id=?",
+                    (item["run_id"],))
+            # Not deleted before the kill: the normal pass decides afresh.
+            self.conn.executemany("DELETE FROM purge_items WHERE id=?",
+                                  [(i,) for i in still_there])
+        report.recovered = len(gone)
+        self._close_dead_runs()
+
+    def _close_dead_runs(self) -> None:
+        with self._tx():
+            self.conn.execute(
+                "UPDATE purge_runs SET status='interrupted' WHERE status='running' AND id != ?",
+                (self._current_run,))
+
+    _current_run: int = -1
+
+    # -- recordings -----------------------------------------------------------
+
+    def _due(self, query: tuple[str, str], bound: str,
+             batch: int) -> Iterator[list[sqlite3.Row]]:
+        """Keyset pages in index order, so rows left alone are not seen again."""
+        sql, key = query
+        last: tuple[str, int] = ("", 0)
+        while True:
+            rows = self.conn.execute(
+                f"{sql} AND {key} <= ? AND ({key}, seq) > (?, ?) ORDER BY {key}, seq LIMIT ?",
+                (bound, *last, batch)).fetchall()
+            if not rows:
+                return
+            last = (rows[-1][key], rows[-1]["seq"])
+            yield rows
+
+    def purge_recordings(self, rows: Sequence[sqlite3.Row], report: PurgeReport,
+                         dry_run: bool, grace: float | None) -> list[int]:
+        """Delete these rows' recordings; returns the seqs now without a recording.
+
+        ``grace`` None means no in-progress check (never used by the purge).
+        """
+        batch = self._plan(rows, report, grace)
+        if dry_run:
+            return self._dry(batch, report)
+        self._intent(batch, report)
+        self._unlink_all(batch)
+        return self._complete(batch, report)
+
+    def _plan(self, rows: Sequence[sqlite3.Row], report: PurgeReport,
+              grace: float | None) -> _Batch:
+        """Check each file (lstat, never following a link): delete, missing or leave."""
+        now = self.clock()
+        batch = _Batch(stamp=iso(now))
+        for row in rows:
+            seq, path = row["seq"], row["recording_path"]
+            try:
+                parts = self.rec.relative(path)
+                st = self.rec.lstat(parts)
+            except FileNotFoundError:
+                batch.missing.append((seq, path))
+                continue
+            except UnsafePath as exc:
+                self._refuse(report, seq, path, str(exc))
+                continue
+            except OSError as exc:
+                self._refuse(report, seq, path, exc.strerror or str(exc))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self._refuse(report, seq, path, "not a regular file (symlink?)")
+                continue
+            if grace is not None and st.st_mtime > now - grace:
+                report.counts["in_progress"] += 1
+                continue
+            batch.delete.append((seq, parts, path))
+        never = {r["seq"] for r in rows if r["recording_confirmed"] == 0}
+        for seq, path in batch.missing:
+            why = " (MixMonitor never started it)" if seq in never else ""
+            report.warnings.append(
+                f"seq {seq}: recording {show_path(path)} is missing{why}; row marked purged")
+        return batch
+
+    @staticmethod
+    def _dry(batch: _Batch, report: PurgeReport) -> list[int]:
+        report.counts["recordings_deleted"] += len(batch.delete)
+        report.counts["recordings_missing"] += len(batch.missing)
+        report.items.extend(("recording_deleted", s, p) for s, _, p in batch.delete)
+        report.items.extend(("recording_missing", s, p) for s, p in batch.missing)
+        return [s for s, _, _ in batch.delete] + [s for s, _ in batch.missing]
+
+    def _intent(self, batch: _Batch, report: PurgeReport) -> None:
+        """Commit one pending item per file before the first unlink (durably)."""
+        if not batch.delete:
+            return
+        with self._tx():
+            self.conn.executemany(
+                "INSERT INTO purge_items (run_id, seq, action, state, at) "
+                "VALUES (?, ?, 'recording_deleted', 'pending', ?)",
+                [(report.run_id, s, batch.stamp) for s, _, _ in batch.delete])
+            # One writer (BEGIN IMMEDIATE), no AUTOINCREMENT gaps: the ids are contiguous.
+            last = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            batch.item_ids = list(range(last - len(batch.delete) + 1, last + 1))
+            first = self.conn.execute("SELECT seq FROM purge_items WHERE id=?",
+                                      (batch.item_ids[0],)).fetchone()
+            if first is None or first[0] != batch.delete[0][0]:
+                raise StoreError("purge log ids are not contiguous")  # never expected
+
+    def _unlink_all(self, batch: _Batch) -> None:
+        """The only step that touches files; runs in a worker thread when pipelined."""
+        for (seq, parts, path), item_id in zip(batch.delete, batch.item_ids, strict=True):
+            try:
+                self.rec.unlink(parts)
+                batch.deleted.append((seq, path, item_id))
+            except FileNotFoundError:
+                batch.deleted.append((seq, path, item_id))  # gone meanwhile: purged anyway
+            except (OSError, UnsafePath) as exc:
+                batch.failed.append((seq, path, item_id, str(exc)))
+
+    def _complete(self, batch: _Batch, report: PurgeReport) -> list[int]:
+        """Mark the rows purged, the items done and count them, in one transaction."""
+        for seq, path, _, why in batch.failed:
+            self._refuse(report, seq, path, why)
+        done = [s for s, _, _ in batch.deleted] + [s for s, _ in batch.missing]
+        if not done and not batch.failed:
+            return done
+        run_id, stamp = report.run_id, batch.stamp
+        with self._tx():
+            self.conn.executemany(
+                "UPDATE calls SET recording_purged_at=? WHERE seq=?",
+                [(stamp, s) for s in sorted(done)])
+            self.conn.executemany("UPDATE purge_items SET state='done' WHERE id=?",
+                                  [(i,) for _, _, i in batch.deleted])
+            self.conn.executemany("DELETE FROM purge_items WHERE id=?",
+                                  [(i,) for _, _, i, _ in batch.failed])
+            self.conn.executemany(
+                "INSERT INTO purge_items (run_id, seq, action, state, at) "
+                "VALUES (?, ?, 'recording_missing', 'done', ?)",
+                [(run_id, s, stamp) for s, _ in batch.missing])
+            self.conn.execute(
+                "UPDATE purge_runs SET recordings_deleted=recordings_deleted+?, "
+                "recordings_missing=recordings_missing+? WHERE id=?",
+                (len(batch.deleted), len(batch.missing), run_id))
+        report.counts["recordings_deleted"] += len(batch.deleted)
+        report.counts["recordings_missing"] += len(batch.missing)
+        report.items.extend(("recording_deleted", s, p) for s, p, _ in batch.deleted)
+        report.items.extend(("recording_missing", s, p) for s, p in batch.missing)
+        return done
+
+    def purge_recordings_pipelined(self, pages: Iterable[Sequence[sqlite3.Row]],
+                                   report: PurgeReport, grace: float,
+                                   tick: Progress) -> None:
+        """Like :meth:`purge_recordings` page by page, with one page's unlinks in a
+        worker thread while the next page is checked and its intent committed.
+
+        The order that crash safety needs still holds for every page: its intent
+        is committed before its first unlink, its rows are marked after its last.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlink") as pool:
+            running: tuple[Future[None], _Batch] | None = None
+            for rows in pages:
+                batch = self._plan(rows, report, grace)
+                self._intent(batch, report)
+                if running is not None:
+                    running[0].result()
+                    self._complete(running[1], report)
+                running = (pool.submit(self._unlink_all, batch), batch)
+                tick(len(rows))
+            if running is not None:
+                running[0].result()
+                self._complete(running[1], report)
+
+    def _refuse(self, report: PurgeReport, seq: int, path: str, why: str) -> None:
+        report.counts["refused"] += 1
+        report.problems.append(f"seq {seq}: recording {show_path(path)} left alone: {why}")
+
+    # -- rows -----------------------------------------------------------------
+
+    def redact(self, seqs: Sequence[int], report: PurgeReport, dry_run: bool,
+               action: str = "redacted") -> None:
+        """Remove the personal fields and the salt; the digest keeps the chain whole."""
+        if not seqs:
+            return
+        if not dry_run:
+            stamp = iso(self.clock())
+            with self._tx():
+                self.conn.executemany(
+                    f"UPDATE calls SET {_REDACT_SET}, personal_salt=NULL, redacted_at=? "
+                    "WHERE seq=? AND redacted_at IS NULL", [(stamp, s) for s in seqs])
+                self.conn.executemany(
+                    "INSERT INTO purge_items (run_id, seq, action, state, at) "
+                    "VALUES (?, ?, ?, 'done', ?)",
+                    [(report.run_id, s, action, stamp) for s in seqs])
+                self.conn.execute(
+                    "UPDATE purge_runs SET rows_redacted=rows_redacted+? WHERE id=?",
+                    (len(seqs), report.run_id))
+        report.counts["rows_redacted"] += len(seqs)
+        report.items.extend((action, s, None) for s in seqs)
+
+    def clear_callers(self, seqs: Sequence[int], report: PurgeReport, dry_run: bool) -> None:
+        """Drop the clear number after the callback purpose ends.
+
+        The salt goes too: with the salt and the other fields, the digest would let
+        anyone guess a phone number back (few digits, cheap to try).
+        """
+        if not seqs:
+            return
+        if not dry_run:
+            stamp = iso(self.clock())
+            with self._tx():
+                self.conn.executemany(
+                    "UPDATE calls SET caller_number=NULL, personal_salt=NULL WHERE seq=?",
+                    [(s,) for s in seqs])
+                self.conn.executemany(
+                    "INSERT INTO purge_items (run_id, seq, action, state, at) "
+                    "VALUES (?, ?, 'caller_cleared', 'done', ?)",
+                    [(report.run_id, s, stamp) for s in seqs])
+                self.conn.execute(
+                    "UPDATE purge_runs SET callers_cleared=callers_cleared+? WHERE id=?",
+                    (len(seqs), report.run_id))
+        report.counts["callers_cleared"] += len(seqs)
+        report.items.extend(("caller_cleared", s, None) for s in seqs)
+
+    # -- orphans ---------------------------------------------------------------
+
+    def orphan_candidates(self) -> list[str]:
+        """Files under the dir that no unpurged row names, sorted.
+
+        Runs in its own thread and connection, alongside the recordings pass: the
+        files that pass deletes are named by their rows, so they are never
+        candidates, whether they are still there or not.
+        """
+        prefix = self.rec.prefix
+        known: set[str] = set()  # ~100 bytes a live recording
+        conn = sqlite3.connect(f"{self._db_file()}?mode=ro", uri=True)
+        try:
+            for (path,) in conn.execute(
+                "SELECT recording_path FROM calls INDEXED BY calls_recording_until "
+                "WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL"
+            ):
+                if path.startswith(prefix):
+                    known.add(path[len(prefix):])  # '..' and the like match no entry
+                elif not path.startswith("/"):
+                    known.add(path)
+        finally:
+            conn.close()
+        return sorted(set(self.rec.walk()) - known)
+
+    def _db_file(self) -> str:
+        row = self.conn.execute("PRAGMA database_list").fetchone()
+        return Path(row["file"]).resolve().as_uri()
+
+    def orphans(self, report: PurgeReport, opts: PurgeOptions,
+                candidates: list[str] | None = None) -> None:
+        if candidates is None:
+            candidates = self.orphan_candidates()
+        now = self.clock()
+        to_delete: list[tuple[tuple[str, ...], str]] = []
+        for rel in candidates:
+            parts = tuple(rel.split("/"))
+            try:
+                st = self.rec.lstat(parts)
+            except (OSError, UnsafePath):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # symlinks, fifos, sockets: never ours to delete
+            report.counts["orphans_found"] += 1
+            if opts.delete_orphans and st.st_mtime <= now - opts.orphan_grace:
+                to_delete.append((parts, rel))
+            else:
+                report.warnings.append(f"orphan file {show_path(rel)} (no log row refers to it)")
+                report.items.append(("orphan_found", None, rel))
+        for start in range(0, len(to_delete), opts.batch_size):
+            self._delete_orphans(to_delete[start:start + opts.batch_size], report, opts.dry_run)
+
+    def _delete_orphans(self, batch: list[tuple[tuple[str, ...], str]], report: PurgeReport,
+                        dry_run: bool) -> None:
+        if dry_run:
+            report.counts["orphans_deleted"] += len(batch)
+            report.items.extend(("orphan_deleted", None, rel) for _, rel in batch)
+            return
+        stamp = iso(self.clock())
+        with self._tx():
+            ids = [self.conn.execute(
+                "INSERT INTO purge_items (run_id, action, state, path, at) "
+                "VALUES (?, 'orphan_deleted', 'pending', ?, ?)",
+                (report.run_id, rel, stamp)).lastrowid for _, rel in batch]
+        done: list[int | None] = []
+        dropped: list[int | None] = []
+        for (parts, rel), item_id in zip(batch, ids, strict=True):
+            try:
+                self.rec.unlink(parts)
+                done.append(item_id)
+                report.items.append(("orphan_deleted", None, rel))
+            except FileNotFoundError:
+                dropped.append(item_id)
+            except (OSError, UnsafePath) as exc:
+                dropped.append(item_id)
+                report.problems.append(f"orphan {show_path(rel)} left alone: {exc}")
+        with self._tx():
+            self.conn.executemany("UPDATE purge_items SET state='done' WHERE id=?",
+                                  [(i,) for i in done])
+            self.conn.executemany("DELETE FROM purge_items WHERE id=?", [(i,) for i in dropped])
+            self.conn.execute(
+                "UPDATE purge_runs SET orphans_deleted=orphans_deleted+? WHERE id=?",
+                (len(done), report.run_id))
+        report.counts["orphans_deleted"] += len(done)
+
+    # -- the whole purge -----------------------------------------------------------
+
+    def purge(self, opts: PurgeOptions, progress: Progress | None = None) -> PurgeReport:
+        report = PurgeReport(run_id=None, as_of=opts.as_of, dry_run=opts.dry_run)
+        report.run_id = self._current_run = self.start_run("purge", opts.as_of, opts.dry_run)
+        if not opts.dry_run:
+            self.recover(report)
+        (recordings, as_of), (redactions, cutoff), (callers, _) = _bounds(opts)
+        tick = progress or (lambda n: None)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orphans") as pool:
+            scan = pool.submit(self.orphan_candidates)
+            # A dry run changes nothing, so it remembers what it would have purged.
+            dry_purged: set[int] = set()
+            dry_redacted: set[int] = set()
+            # 1. Recordings past their own deadline.
+            if opts.dry_run:
+                for rows in self._due(recordings, as_of, opts.batch_size):
+                    dry_purged.update(self.purge_recordings(rows, report, True, opts.grace))
+                    tick(len(rows))
+            else:
+                self.purge_recordings_pipelined(self._due(recordings, as_of, opts.batch_size),
+                                                report, opts.grace, tick)
+            # 2. Log rows past the log's retention: their recording goes first (the
+            # earlier deadline wins), then their personal fields.
+            for rows in self._due(redactions, cutoff, opts.batch_size):
+                has_recording = [r for r in rows if r["recording_path"] is not None
+                                 and r["recording_purged_at"] is None
+                                 and r["seq"] not in dry_purged]
+                freed = set(self.purge_recordings(has_recording, report, opts.dry_run,
+                                                  opts.grace))
+                kept = {r["seq"] for r in has_recording} - freed
+                ready = [r["seq"] for r in rows if r["seq"] not in kept]
+                self.redact(ready, report, opts.dry_run)
+                if opts.dry_run:
+                    dry_redacted.update(ready)
+                tick(len(rows))
+            # 3. Callback numbers past the callback purpose (redaction cleared the rest).
+            for rows in self._due(callers, as_of, opts.batch_size):
+                self.clear_callers([r["seq"] for r in rows if r["seq"] not in dry_redacted],
+                                   report, opts.dry_run)
+                tick(len(rows))
+            # 4. Orphans, listed meanwhile.
+            self.orphans(report, opts, scan.result())
+        self.finish_run(report)
+        return report
+
+
+# (query, key column): each walks its own index in key order.
+_DUE_RECORDINGS = (
+    "SELECT seq, recording_path, recording_confirmed, recording_until FROM calls "
+    "INDEXED BY calls_recording_until "
+    "WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL",
+    "recording_until",
+)
+_DUE_REDACTIONS = (
+    "SELECT seq, recording_path, recording_confirmed, recording_purged_at, decided_at "
+    "FROM calls "
+    "INDEXED BY calls_decided_at WHERE redacted_at IS NULL",
+    "decided_at",
+)
+_DUE_CALLERS = (
+    "SELECT seq, callback_until FROM calls INDEXED BY calls_callback_until "
+    "WHERE caller_number IS NOT NULL",
+    "callback_until",
+)
+
+
+def _bounds(opts: PurgeOptions) -> list[tuple[tuple[str, str], str]]:
+    as_of = iso(opts.as_of)
+    cutoff = iso(opts.as_of - opts.log_retention_days * DAY)
+    return [(_DUE_RECORDINGS, as_of), (_DUE_REDACTIONS, cutoff), (_DUE_CALLERS, as_of)]
+
+
+def count_due(conn: sqlite3.Connection, opts: PurgeOptions) -> int:
+    """How many rows a purge will look at (the progress bar's length)."""
+    n = 0
+    for (sql, key), bound in _bounds(opts):
+        where = sql.split(" WHERE ", 1)[1]
+        n += conn.execute(f"SELECT count(*) FROM calls WHERE {where} AND {key} <= ?",
+                          (bound,)).fetchone()[0]
+    return int(n)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write the consent log: {exc}") from exc
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write the consent log: {exc}") from exc
+
+
+def run_purge(database: Path, recordings_dir: Path, opts: PurgeOptions,
+              progress: Progress | None = None) -> PurgeReport:
+    """Take the lock, open the log and the recordings dir, and purge."""
+    with purge_lock(database):
+        conn = open_log(database)
+        try:
+            with RecordingsDir(recordings_dir) as rec:
+                purger = Purger(conn, rec)
+                try:
+                    return purger.purge(opts, progress)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{database}: purge failed: {exc}") from exc
+        finally:
+            conn.close()
+
+
+def purge_runs(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest runs of the purge log, newest first."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM purge_runs ORDER BY id DESC LIMIT ?", (limit,))]
+
+
+def seqs_of(items: Iterable[tuple[str, int | None, str | None]], action: str) -> list[int]:
+    return [s for a, s, _ in items if a == action and s is not None]

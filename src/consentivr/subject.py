@@ -1,0 +1,226 @@
+"""Data-subject rights: access (art. 15), erasure (art. 17) and the callback list.
+
+A caller is found by the HMAC pseudonym of their number (``caller_hash``), and by
+the clear number for the rows that still hold one. The number must be given as
+the PBX saw it (e.g. ``+31201234567``); spaces, dots, dashes and brackets are
+ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consentivr.errors import ConsentivrError, StoreError
+from consentivr.model import Decision, Flow
+from consentivr.retention import (
+    DEFAULT_GRACE,
+    Purger,
+    PurgeReport,
+    RecordingsDir,
+    UnsafePath,
+    open_log,
+    purge_lock,
+)
+from consentivr.store import CallerKey, iso, public_row
+
+_SEPARATORS = str.maketrans("", "", " \t.-()/")
+
+
+def normalise_number(text: str) -> str:
+    number = text.translate(_SEPARATORS)
+    if not number or not number.isprintable():
+        raise ConsentivrError(f"--caller {text!r}: expected a phone number, e.g. +31201234567")
+    return number
+
+
+def subject_rows(conn: sqlite3.Connection, key: CallerKey, number: str) -> list[sqlite3.Row]:
+    """Every row about this number, oldest first."""
+    return conn.execute(
+        "SELECT * FROM calls WHERE caller_hash = ? OR caller_number = ? ORDER BY seq",
+        (key.pseudonym(number), number),
+    ).fetchall()
+
+
+# --- access -------------------------------------------------------------------
+
+
+@dataclass
+class SubjectExport:
+    rows: list[dict[str, Any]]
+    recordings: list[str] = field(default_factory=list)  # files written under out/
+    missing: list[str] = field(default_factory=list)  # recordings the rows name but not found
+    out: Path | None = None
+
+    @property
+    def personal(self) -> bool:
+        return bool(self.rows or self.recordings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"generated_at": iso(time.time()), "rows": self.rows,
+                "recordings": self.recordings, "missing_recordings": self.missing}
+
+
+def export_subject(conn: sqlite3.Connection, recordings_dir: Path, key: CallerKey,
+                   number: str, out: Path | None) -> SubjectExport:
+    """Everything held about ``number``; with ``out``, also copies of the recordings."""
+    rows = subject_rows(conn, key, number)
+    export = SubjectExport(rows=[public_row(r) for r in rows], out=out)
+    if out is None:
+        return export
+    _make_out_dir(out)
+    with RecordingsDir(recordings_dir) as rec:
+        for row in rows:
+            path = row["recording_path"]
+            if path is None or row["recording_purged_at"] is not None:
+                continue
+            name = f"{row['seq']}-{os.path.basename(path)}"
+            try:
+                src = rec.open_regular(rec.relative(path))
+            except (OSError, UnsafePath):
+                export.missing.append(path)
+                continue
+            try:
+                _copy(src, out / "recordings" / name)
+            finally:
+                os.close(src)
+            export.recordings.append(f"recordings/{name}")
+    target = out / "subject.json"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(export.to_json(), fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    return export
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise ConsentivrError(f"{out}: the export dir is not empty; give a new one")
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (out / "recordings").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConsentivrError(f"{out}: cannot create the export dir: {exc.strerror}") from exc
+
+
+def _copy(src: int, dest: Path) -> None:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while chunk := os.read(src, 1 << 20):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- erasure ---------------------------------------------------------------------
+
+
+@dataclass
+class ErasePlan:
+    rows: int
+    recordings: int
+
+
+def erase_plan(conn: sqlite3.Connection, key: CallerKey, number: str) -> ErasePlan:
+    rows = subject_rows(conn, key, number)
+    recordings = sum(1 for r in rows
+                     if r["recording_path"] is not None and r["recording_purged_at"] is None)
+    return ErasePlan(rows=len(rows), recordings=recordings)
+
+
+def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: str,
+                  grace: float = DEFAULT_GRACE, lock_wait: float = 30.0) -> PurgeReport:
+    """Delete the number's recordings and redact its rows, in one erase run.
+
+    The purge log keeps a tombstone: an ``erase`` run with the row numbers it
+    erased, and nothing that points back to the person. A recording still being
+    written (a call in progress) is left, with its row, and reported as a problem.
+    """
+    with purge_lock(database, wait=lock_wait):
+        conn = open_log(database)
+        try:
+            with RecordingsDir(recordings_dir) as rec:
+                purger = Purger(conn, rec)
+                now = time.time()
+                report = PurgeReport(run_id=None, as_of=now, dry_run=False)
+                report.run_id = purger._current_run = purger.start_run("erase", now, False)
+                purger.recover(report)
+                rows = subject_rows(conn, key, number)
+                with_file = [r for r in rows if r["recording_path"] is not None
+                             and r["recording_purged_at"] is None]
+                freed = set(purger.purge_recordings(with_file, report, False, grace))
+                kept = {r["seq"] for r in with_file} - freed
+                if report.counts["in_progress"]:
+                    report.problems.append(
+                        f"{report.counts['in_progress']} recording(s) still being written: "
+                        "erase again when the call has ended")
+                purger.redact([r["seq"] for r in rows if r["seq"] not in kept], report,
+                              dry_run=False, action="erased")
+                purger.finish_run(report)
+                return report
+        except sqlite3.Error as exc:
+            raise StoreError(f"{database}: erasure failed: {exc}") from exc
+        finally:
+            conn.close()
+
+
+# --- the callback list ------------------------------------------------------------------
+
+
+def callback_list(conn: sqlite3.Connection, flows: Mapping[str, Flow],
+                  as_of: float) -> list[dict[str, Any]]:
+    """Callers who said yes to the callback and are within its retention, latest call each.
+
+    A later call from the same number that did not say yes (or a withdrawal)
+    takes the number off the list: the latest decision wins.
+    """
+    rows = conn.execute(
+        "SELECT seq, call_id, caller_hash, caller_number, flow, language, decided_at, "
+        "callback_until FROM calls INDEXED BY calls_callback_until "
+        "WHERE caller_number IS NOT NULL AND callback_until > ? AND redacted_at IS NULL "
+        "AND withdrawn_at IS NULL ORDER BY seq",
+        (iso(as_of),),
+    ).fetchall()
+    latest: dict[str, sqlite3.Row] = {}
+    for row in rows:
+        latest[row["caller_number"]] = row
+    result = []
+    for number, row in latest.items():
+        if _said_otherwise_later(conn, flows, row):
+            continue
+        result.append({
+            "number": number, "call_id": row["call_id"], "flow": row["flow"],
+            "language": row["language"], "decided_at": row["decided_at"],
+            "callback_until": row["callback_until"],
+        })
+    result.sort(key=lambda r: r["decided_at"])
+    return result
+
+
+_ALLOWING = {d.value for d in Decision if d.allows_processing}
+
+
+def _said_otherwise_later(conn: sqlite3.Connection, flows: Mapping[str, Flow],
+                          row: sqlite3.Row) -> bool:
+    if row["caller_hash"] is None:
+        return False
+    later = conn.execute(
+        "SELECT flow, decisions, withdrawn_at FROM calls WHERE caller_hash = ? AND seq > ?",
+        (row["caller_hash"], row["seq"]),
+    ).fetchall()
+    for other in later:
+        flow = flows.get(other["flow"])
+        purpose = flow.callback_purpose if flow is not None else None
+        if purpose is None:
+            continue  # that flow did not ask about a callback
+        answer = json.loads(other["decisions"]).get(purpose.name)
+        if answer not in _ALLOWING:
+            return True
+    return False

@@ -1,0 +1,375 @@
+"""Tools to break things on purpose, shared by the fault tests and the chaos suite.
+
+- :class:`TcpProxy` sits between consentivr and Asterisk (ARI or AMI): ``cut()`` drops
+  every connection as a network hiccup would, ``refuse`` makes it look down.
+- :func:`crash` abandons an in-process :class:`~consentivr.service.Service` the way
+  ``kill -9`` would: no drain, no continue, no goodbye to Asterisk.
+- :func:`db_lock` holds an exclusive SQLite lock from another connection.
+- :func:`small_fs` mounts a tiny tmpfs (root only) to fill up or make read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consentivr.config import Settings, load_settings
+from consentivr.flow import DecisionRecord, KeyPress
+from consentivr.model import Decision
+from consentivr.pbx import PbxEndpoints
+from consentivr.service import Service
+from consentivr.testbed import flow_yaml, write_config
+
+SECRETS = ("ari-Pa55word-xyz", "ami-Pa55word-xyz")
+DUMMY = PbxEndpoints(
+    ari_url="http://127.0.0.1:1", ari_user="consentivr", ari_password=SECRETS[0],
+    ami_host="127.0.0.1", ami_port=1, ami_user="consentivr", ami_password=SECRETS[1],
+    sip_host="127.0.0.1", sip_port=None, shared_dir=None,
+)
+
+
+def settings_in(workdir: Path, extra: str = "", flows: str | None = None) -> Settings:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = write_config(workdir / "config.yaml", DUMMY, workdir, flows or flow_yaml(),
+                        extra=extra)
+    return load_settings(path)
+
+
+def record(call_id: str | None = None, channel_id: str = "ch", caller: str | None = "+31",
+           recording: bool = False, directory: str = "/rec") -> DecisionRecord:
+    call_id = call_id or uuid.uuid4().hex
+    now = time.time()
+    return DecisionRecord(
+        call_id=call_id, channel_id=channel_id, linkedid=channel_id, channel_name="PJSIP/a-1",
+        caller=caller, flow="main", language="en", notice_version="v1", started_at=now - 5,
+        decided_at=now, keys=(KeyPress("1", now, "recording"),),
+        decisions={"recording": Decision.YES if recording else Decision.NO},
+        retention_until={"recording": now + 86400},
+        recording_path=f"{directory}/{call_id}.wav" if recording else None,
+        outcome="completed", recording_until=now + 86400 if recording else None,
+    )
+
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 with a kill switch."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.refuse = False
+        self.port = 0
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._pairs.discard(pair)
+
+    def cut(self) -> int:
+        """Drop every open connection (both directions); return how many."""
+        self.cuts += 1
+        pairs = list(self._pairs)
+        for down, up in pairs:
+            for w in (down, up):
+                transport = w.transport
+                if transport is not None:
+                    transport.abort()
+        self._pairs.clear()
+        return len(pairs)
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+async def crash(service: Service) -> None:
+    """Abandon a running in-process service as ``kill -9`` would.
+
+    Nothing is continued or hung up; calls stay in Stasis. Only our own resources
+    are released (the websocket closes, as it does when a process dies).
+    """
+    app = service.app
+    if service._pump is not None:
+        service._pump.cancel()
+    if app is not None:
+        for task in list(app.tasks):
+            task.cancel()
+        if app._late_task is not None:
+            app._late_task.cancel()
+        await asyncio.sleep(0)
+    await service.ari.close()
+    if service.pool is not None:
+        service.pool.close()
+    if service.committer is not None:
+        service.committer.close()
+
+
+@contextlib.contextmanager
+def db_lock(path: Path, seconds: float | None = None) -> Iterator[sqlite3.Connection]:
+    """Hold ``BEGIN EXCLUSIVE`` on the consent log (while the block runs, or ``seconds``)."""
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield conn
+        if seconds:
+            time.sleep(seconds)
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def hold_lock_in_thread(path: Path, seconds: float) -> threading.Thread:
+    """Hold the lock for ``seconds`` from another thread; the caller's loop runs on."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            time.sleep(seconds)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=hold, name="db-lock", daemon=True)
+    thread.start()
+    if not locked.wait(15):
+        raise RuntimeError("could not take the database lock")
+    return thread
+
+
+@contextlib.contextmanager
+def small_fs(where: Path, size_kb: int = 512) -> Iterator[Path]:
+    """A tmpfs of ``size_kb`` at ``where`` (root only; skips otherwise)."""
+    where.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0700",
+                          "tmpfs", str(where)], capture_output=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def fill_up(directory: Path) -> Path:
+    """Write a file until the file system is full."""
+    ballast = directory / "ballast"
+    with ballast.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    return ballast
+
+
+def remount(where: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True,
+                   capture_output=True)
+
+
+def rows(database: Path) -> list[dict[str, Any]]:
+    if not database.exists():
+        return []
+    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        found = [dict(r) for r in conn.execute("SELECT * FROM calls ORDER BY seq")]
+    finally:
+        conn.close()
+    for row in found:
+        row["decisions"] = json.loads(row["decisions"])
+    return found
+
+
+async def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.05) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(step)
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class FakeAri:
+    """ARI as the app sees it: records every call, plays instantly, emits the events.
+
+    ``channels`` holds the channels Asterisk "has" (for ``channel()`` and recovery);
+    ``in_app`` the ids ``GET /applications`` lists.
+    """
+
+    def __init__(self, play_seconds: float = 0.005) -> None:
+        self.app: Any = None
+        self.play_seconds = play_seconds
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.variables: dict[str, dict[str, str]] = {}
+        self.channels: dict[str, dict[str, Any]] = {}
+        self.in_app: set[str] = set()
+        self.continued: dict[str, tuple[str, str, int]] = {}
+        self.hung_up: set[str] = set()
+        self.paths: list[str] = []  # every id that would reach a URL path
+
+    def _note(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+
+    def _emit(self, event: dict[str, Any], delay: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, self.app.handle_event, event)
+
+    async def answer(self, channel_id: str) -> None:
+        self._note("answer", channel_id)
+        self.paths.append(channel_id)
+
+    async def play(self, channel_id: str, playback_id: str, media: tuple[str, ...],
+                   language: str | None = None) -> None:
+        self._note("play", channel_id, playback_id, media)
+        self.paths += [channel_id, playback_id]
+        self._emit({"type": "PlaybackFinished",
+                    "playback": {"id": playback_id, "target_uri": f"channel:{channel_id}"}},
+                   self.play_seconds)
+
+    async def stop_playback(self, playback_id: str) -> None:
+        self._note("stop_playback", playback_id)
+        self.paths.append(playback_id)
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None:
+        self._note("set_variable", channel_id, name, value)
+        self.paths.append(channel_id)
+        self.variables.setdefault(channel_id, {})[name] = value
+
+    async def get_variable(self, channel_id: str, name: str) -> str | None:
+        self.paths.append(channel_id)
+        return self.variables.get(channel_id, {}).get(name)
+
+    async def continue_in_dialplan(self, channel_id: str, context: str = "",
+                                   extension: str = "", priority: int = 0) -> None:
+        self._note("continue", channel_id, context, extension, priority)
+        self.paths.append(channel_id)
+        self.continued[channel_id] = (context, extension, priority)
+        self.in_app.discard(channel_id)
+        self._emit({"type": "StasisEnd", "channel": {"id": channel_id}})
+
+    async def hangup(self, channel_id: str) -> None:
+        self._note("hangup", channel_id)
+        self.paths.append(channel_id)
+        self.hung_up.add(channel_id)
+        self.in_app.discard(channel_id)
+        self.channels.pop(channel_id, None)
+
+    async def channel(self, channel_id: str) -> dict[str, Any] | None:
+        self.paths.append(channel_id)
+        return self.channels.get(channel_id)
+
+    async def application(self, app: str) -> dict[str, Any] | None:
+        return {"name": app, "channel_ids": sorted(self.in_app)}
+
+
+class FakeRecorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.started: list[tuple[str, str, str]] = []
+
+    async def start(self, channel: str, path: str, options: str) -> None:
+        from consentivr.errors import AmiError
+
+        if self.fail:
+            raise AmiError("AMI MixMonitor: not connected to 127.0.0.1:5038")
+        self.started.append((channel, path, options))
+
+
+class FakeCommitter:
+    """Collects writes; can fail the next ``fail`` writes or answer after ``delay`` s."""
+
+    def __init__(self, fail: int = 0, delay: float = 0.0, log: Any = None) -> None:
+        self.fail = fail
+        self.delay = delay
+        self.log = log  # a real ConsentLog to write through, if given
+        self.written: list[tuple[str, Any]] = []
+        self.failed: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, kind: str, payload: Any) -> Any:
+        from concurrent.futures import Future
+
+        from consentivr.errors import StoreError
+
+        fut: Future[None] = Future()
+
+        def finish() -> None:
+            with self._lock:
+                failing = self.fail > 0
+                if failing:
+                    self.fail -= 1
+            if failing:
+                self.failed.append((kind, payload))
+                fut.set_exception(StoreError("consent.db: cannot write the consent log: "
+                                             "database is locked"))
+                return
+            try:
+                if self.log is not None:
+                    if kind == "append":
+                        self.log.append(payload)
+                    else:
+                        getattr(self.log, kind)(*payload)
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+            self.written.append((kind, payload))
+            fut.set_result(None)
+
+        if self.delay:
+            threading.Timer(self.delay, finish).start()
+        else:
+            finish()
+        return fut

@@ -1,0 +1,80 @@
+"""The benchmarks still run: ``bench/log --smoke`` and ``bench/calls --smoke``.
+
+Not timed tests: they prove the scripts work and print their tables. The figures
+themselves are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consentivr.pbx import SandboxPbx, env_lines
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+LIMIT = 60  # seconds; the smoke runs must stay fast enough for every CI run
+
+
+def run(script: str, env: dict[str, str] | None = None) -> tuple[str, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke"],
+        capture_output=True, text=True, timeout=LIMIT * 2, env=env, check=False,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, f"bench/{script} --smoke failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout, took
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The table's rows by their first cell (the header and the rule are left out)."""
+    lines = output.splitlines()
+    rule = next(i for i, line in enumerate(lines) if re.fullmatch(r"[- ]+", line))
+    rows: dict[str, list[str]] = {}
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_log_smoke_prints_both_commit_modes_and_the_ratio() -> None:
+    out, took = run("log")
+    rows = table_rows(out)
+    assert set(rows) == {"single-row commits", "group commit"}
+    for cells in rows.values():
+        assert float(cells[2].replace(",", "")) > 0  # decisions/s
+    assert re.search(r"group commit / single-row = \d+(\.\d)?x", out)
+    assert took < LIMIT
+
+
+@pytest.mark.asterisk
+def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
+    env = dict(os.environ)
+    if isinstance(pbx, SandboxPbx):
+        # Point the bench at the session's PBX, as the tests' own env would.
+        for line in env_lines(pbx):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value
+        env["CONSENTIVR_TEST_ASTERISK_PID"] = str(pbx.pid() or "")
+    out, took = run("calls", env)
+    rows = table_rows(out)
+    modes = {"ARI", "dialplan"}
+    if importlib.util.find_spec("consentivr.agi") is not None:
+        modes.add("FastAGI")
+    assert set(rows) == modes
+    for mode, cells in rows.items():
+        assert cells[1] == "4/4", f"{mode}: not every smoke call completed: {cells}"
+    # consentivr's CPU is measured for both of its modes; the baseline has none.
+    for mode in modes - {"dialplan"}:
+        assert re.fullmatch(r"\d+\.\d\d", rows[mode][4]), rows[mode]
+    assert took < LIMIT
