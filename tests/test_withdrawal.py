@@ -474,7 +474,9 @@ def run(bed: Testbed, scenario: Scenario, timeout: float = 120,
         await bed.start()
         # Once the service runs the listener itself, use that one.
         listener = getattr(bed.service, "recording_listener", None)
-        own = not isinstance(listener, RecordingListener)
+        if not listen and isinstance(listener, RecordingListener):
+            await listener.stop()  # consentivr is "away": nobody listens to AMI
+        own = not listen or not isinstance(listener, RecordingListener)
         if own:
             listener = RecordingListener(bed.settings)
             if listen:

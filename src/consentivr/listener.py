@@ -75,6 +75,7 @@ class RecordingListener:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._db = concurrent.futures.ThreadPoolExecutor(1, "recording-log")
+        self._stopped = False
         self._log: RecordingLog | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -104,6 +105,10 @@ class RecordingListener:
                                "(recording listener)") from exc
 
     async def stop(self) -> None:
+        """Stop listening; safe to call twice (tests stop it early, then the service)."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._manager is not None:
             self._manager.close()
             self._manager.connection_lost = lambda exc: None  # type: ignore[method-assign]
