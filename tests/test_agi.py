@@ -587,7 +587,7 @@ def test_a_stalled_consent_log_does_not_hold_the_caller(tmp_path: Path) -> None:
             # The disk comes back: the yes row lands, and is marked "not recorded".
             stuck.release()
             for _ in range(100):
-                if stuck.kinds.count("mark_recording") == 1:
+                if stuck.kinds.count("void_late_consent") == 1:
                     break
                 await asyncio.sleep(0.02)
             return commands, stuck.kinds
@@ -599,11 +599,13 @@ def test_a_stalled_consent_log_does_not_hold_the_caller(tmp_path: Path) -> None:
     assert variables(commands)["CONSENTIVR_LOGGED"] == "no"
     assert variables(commands)["CONSENTIVR_DECISION_RECORDING"] == "error"
     assert commands[-3:] == CONTINUE
-    assert kinds == ["append", "mark_recording"]
+    assert kinds == ["append", "void_late_consent"]
     [row] = Bench(settings, None, 0).rows()  # type: ignore[arg-type]
     assert decisions(row)["recording"] == "yes"
     assert row["recording_confirmed"] == 0
     assert row["recording_error"] == "decision committed after the call went on"
+    # The dialplan heard "error": the late row allows nothing, not even a callback.
+    assert row["withdrawn_by"] == "system" and row["caller_number"] is None
 
 
 def test_garbled_reply_mid_call_is_an_error_of_ours(tmp_path: Path) -> None:

@@ -158,8 +158,9 @@ def test_slow_commit_goes_on_unrecorded_and_late_commit_is_marked(settings: Sett
     assert recorder.started == []
     (k1, rec), (k2, mark) = committer.written
     assert k1 == "append" and rec.decisions["recording"] == Decision.YES
-    assert k2 == "mark_recording" and mark[0] == rec.call_id and mark[1] is False
-    assert "after the call went on" in mark[2]
+    # The late row allowed recording and a callback; the call was told "error".
+    assert k2 == "void_late_consent" and mark[0] == rec.call_id
+    assert "after the call went on" in mark[1]
 
 
 def test_ami_down_when_recording_should_start_row_says_not_confirmed(

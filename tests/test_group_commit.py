@@ -189,3 +189,31 @@ def test_a_failed_commit_fails_every_write_of_the_batch_and_nothing_is_kept(
     logged = rows(tmp_path / "consent.db")
     assert [r["call_id"] for r in logged] == [a.call_id]
     assert logged[0]["recording_confirmed"] is None
+
+
+def test_a_late_committed_consent_is_voided_and_the_chain_still_verifies(tmp_path: Path) -> None:
+    log = ConsentLog(tmp_path / "c.db", CallerKey(b"k"))
+    rec = record(1, recording=str(tmp_path / "c1.wav"), callback=True)
+    log.append(rec)
+    assert log.call(rec.call_id)["caller_number"] == "+31201234567"  # type: ignore[index]
+    log.void_late_consent(rec.call_id, "decision committed after the call went on", 1.0e9)
+    row = log.call(rec.call_id)
+    assert row is not None
+    assert row["caller_number"] is None and row["withdrawn_by"] == "system"
+    assert row["recording_confirmed"] == 0
+    conn = sqlite3.connect(tmp_path / "c.db")
+    conn.row_factory = sqlite3.Row
+    assert verify_chain(conn).ok
+    log.close()
+
+
+def test_a_cancelled_write_does_not_stop_the_writer(tmp_path: Path) -> None:
+    committer = GroupCommitter(lambda: ConsentLog(tmp_path / "c.db", CallerKey(b"k")))
+    try:
+        first = committer.submit("append", record(1))
+        first.cancel()  # a caller that gave up waiting
+        later = committer.submit("append", record(2))
+        later.result(timeout=10)  # the writer is alive and took the next write
+    finally:
+        committer.close()
+    assert [r["call_id"] for r in rows(tmp_path / "c.db")] in (["c1", "c2"], ["c2"])

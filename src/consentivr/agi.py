@@ -492,12 +492,12 @@ class AgiSession:
         return RecordingStarted(False, self.clock(), error)
 
     def _settle_late(self, record: DecisionRecord, future: Future[None]) -> None:
-        """The row we stopped waiting for landed after all (committer thread): it
-        allows recording, but the call went on unrecorded, so say so."""
-        if not future.cancelled() and future.exception() is None:
-            self.server.committer.submit("mark_recording", (
-                record.call_id, False, "decision committed after the call went on",
-                time.time()))
+        """The row we stopped waiting for landed after all (committer thread): the
+        call went on told "error", so nothing in the row may be acted on."""
+        if not future.cancelled() and future.exception() is None and (
+                record.recording_path is not None or record.callback_until is not None):
+            self.server.committer.submit("void_late_consent", (
+                record.call_id, "decision committed after the call went on", time.time()))
 
     async def _write(self, kind: str, payload: Any) -> None:
         future = self.server.committer.submit(kind, payload)

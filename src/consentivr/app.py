@@ -276,12 +276,12 @@ class LateLog:
     def settle_timed_out(self, record: DecisionRecord, future: Future[None]) -> None:
         """A decision write we stopped waiting for has finished after all."""
         if future.exception() is None:
-            if record.recording_path is None:
+            if record.recording_path is None and record.callback_until is None:
                 return
-            # The row says recording was allowed, but the call went on without it.
-            self.add("mark_recording", (record.call_id, False,
-                                        "decision committed after the call went on",
-                                        time.time()))
+            # The row allows processing, but the call went on told "error": void it.
+            self.add("void_late_consent", (record.call_id,
+                                           "decision committed after the call went on",
+                                           time.time()))
         else:
             self.add("append", acted_on_unlogged(record, str(future.exception())))
 

@@ -275,6 +275,22 @@ class ConsentLog:
             (int(confirmed), error, iso(at) if confirmed else None, call_id),
         )
 
+    def void_late_consent(self, call_id: str, reason: str, at: float) -> None:
+        """A decision that was committed only after the call went on unrecorded.
+
+        The dialplan was told "error", so nothing in it may be acted on: the
+        callback number is dropped (salt too, as purge does, so the chain still
+        verifies) and the row counts as withdrawn by the system.
+        """
+        self._update(
+            "UPDATE calls SET caller_number=NULL, "
+            "personal_salt=CASE WHEN caller_number IS NULL THEN personal_salt ELSE NULL END, "
+            "recording_confirmed=0, recording_error=?, "
+            "withdrawn_at=COALESCE(withdrawn_at, ?), withdrawn_by=COALESCE(withdrawn_by, ?) "
+            "WHERE call_id=?",
+            (reason, iso(at), "system", call_id),
+        )
+
     def _update(self, sql: str, params: tuple[object, ...]) -> None:
         try:
             with self.transaction():
@@ -412,23 +428,34 @@ class GroupCommitter:
                 if isinstance(exc, sqlite3.Error):
                     error = StoreError(f"{log.path}: cannot write the consent log: {exc}")
                 for fut in durable:  # committed by an earlier round
-                    fut.set_result(None)
+                    _settle(fut)
                 failed = [*done, *(f for _, fs in (*pending, *retry) for f in fs)]
                 for fut in failed:
-                    fut.set_exception(error)
+                    _settle(fut, error)
                 return
             durable.extend(done)
         for fut in durable:
-            fut.set_result(None)
+            _settle(fut)
         for write, futures in retry:
             try:
                 write()
             except BaseException as exc:
                 for fut in futures:
-                    fut.set_exception(exc)
+                    _settle(fut, exc)
             else:
                 for fut in futures:
-                    fut.set_result(None)
+                    _settle(fut)
+
+
+def _settle(fut: Future[None], error: BaseException | None = None) -> None:
+    """Resolve a write's future; one its caller cancelled is left alone, so the
+    writer thread never trips over it."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 def _apply(log: ConsentLog, kind: str, payload: Any) -> object:
