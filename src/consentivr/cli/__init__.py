@@ -203,6 +203,11 @@ def _register() -> None:
     main.add_command(recording.recording)
     main.add_command(agi_cli.agi)
 
+    from consentivr.cli import rights
+
+    for command in rights.COMMANDS:
+        main.add_command(command)
+
 
 _register()
 
