@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,10 @@ class FakeAri:
         self._note("set_variable", channel_id, name, value)
         self.paths.append(channel_id)
         self.variables.setdefault(channel_id, {})[name] = value
+
+    async def set_variables(self, channel_id: str, pairs: Sequence[tuple[str, str]]) -> None:
+        for name, value in pairs:  # the real client packs them into ARRAY(); same effect
+            await self.set_variable(channel_id, name, value)
 
     async def get_variable(self, channel_id: str, name: str) -> str | None:
         self.paths.append(channel_id)

@@ -274,12 +274,16 @@ def decisions(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 def variables(commands: list[str]) -> dict[str, str]:
+    """What SET VARIABLE set, one name at a time or several with ARRAY(A,B)."""
     out = {}
     for command in commands:
-        if command.startswith("SET VARIABLE CONSENTIVR_"):
+        if command.startswith("SET VARIABLE ARRAY("):
+            _, _, names, values = command.split(" ", 3)
+            out.update(zip(names[6:-1].split(","), values.split(","), strict=True))
+        elif command.startswith("SET VARIABLE CONSENTIVR_"):
             _, _, name, value = command.split(" ", 3)
             out[name] = value
-    return out
+    return {k: v for k, v in out.items() if k.startswith("CONSENTIVR_")}
 
 
 def digit(d: str, playing: bool = True) -> str:

@@ -141,7 +141,7 @@ def test_the_flow_context_enters_stasis_then_falls_back_without_recording(
 def test_agi_mode_renders_fastagi_entries(plan: config_module.Dialplan) -> None:
     steps = check_syntax(rendered(plan, mode="agi", agi_url="agi://10.0.0.5:4573"))[
         "consentivr-flow-minimal"]["s"]
-    assert steps[1] == (None, "AGI", "agi://10.0.0.5:4573/minimal")
+    assert steps[1] == (None, "AGI", "agi://10.0.0.5:4573/minimal,${CHANNEL(linkedid)}")
     assert "AGISTATUS" in steps[2][2]
     assert steps[-1] == ("destination", "Goto", "from-internal,200,1")
 

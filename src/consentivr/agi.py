@@ -68,7 +68,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from consentivr.app import Committer
+from consentivr.app import Committer, clean_id
+from consentivr.ari import assignments
 from consentivr.config import Settings
 from consentivr.errors import ConsentivrError
 from consentivr.flow import (
@@ -225,6 +226,11 @@ class AgiConnection:
         self.writer = writer
         self.hung_up = False  # Asterisk said HANGUP (or 511): the channel is gone
         self.broken: str | None = None  # why we cannot talk any more, once we cannot
+        # One watchdog timer per connection instead of an asyncio.timeout() per
+        # command (that was 8% of the CPU): it fires at most once per deadline
+        # passed, and re-arms only when a command's deadline is earlier.
+        self._deadline: float | None = None  # loop time the pending reply is due by
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def read_environment(self, timeout: float = ENV_TIMEOUT,
                                max_bytes: int = ENV_MAX_BYTES) -> dict[str, str]:
@@ -259,8 +265,11 @@ class AgiConnection:
         try:
             self.writer.write(line.encode() + b"\n")
             await self.writer.drain()
-            async with asyncio.timeout(timeout):
+            self._expect_by(timeout)
+            try:
                 return await self._read_reply()
+            finally:
+                self._deadline = None
         except TimeoutError:
             self.broken = f"AGI {words}: no reply within {timeout:g}s"
             raise AgiError(self.broken) from None
@@ -273,6 +282,25 @@ class AgiConnection:
         except AgiError as exc:
             self.broken = str(exc)  # out of step with Asterisk: no further commands
             raise
+
+    def _expect_by(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout
+        if self._watchdog is None or self._watchdog.when() > deadline:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no reply pending: the next command arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            self.reader.set_exception(TimeoutError())  # wakes the pending readline
+        else:
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
 
     async def _read_reply(self) -> Reply:
         while True:
@@ -298,6 +326,9 @@ class AgiConnection:
         return raw
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):  # TimeoutError is an OSError
             await asyncio.wait_for(self.writer.wait_closed(), 5)
@@ -372,9 +403,15 @@ class AgiSession:
                 case StartRecording(path=path):
                     return await self._start_recording(path)
                 case MarkRecording(call_id=call_id, confirmed=confirmed, error=error):
-                    await self._write("mark_recording", (call_id, confirmed, error, self.clock()))
+                    # A status of a decision already committed: the caller does not
+                    # wait for its fsync; a failure is logged when it happens.
+                    self._write_later("mark_recording",
+                                      (call_id, confirmed, error, self.clock()))
                 case SetVariables(variables=variables):
-                    for name, value in variables:
+                    # The prompts already put the channel in this language.
+                    variables = tuple(p for p in variables if p != (
+                        "CHANNEL(language)", self._channel_language))
+                    for name, value in assignments(variables):
                         hung = self._hung_up(await self.conn.command("SET VARIABLE", name, value))
                         if hung:
                             return hung
@@ -499,16 +536,15 @@ class AgiSession:
             self.server.committer.submit("void_late_consent", (
                 record.call_id, "decision committed after the call went on", time.time()))
 
-    async def _write(self, kind: str, payload: Any) -> None:
-        future = self.server.committer.submit(kind, payload)
-        try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
-                                   self.server.log_timeout)
-        except TimeoutError:
-            log.error("call %s: consent log: %s not committed within %gs (still queued)",
-                      self.info.call_id, kind, self.server.log_timeout)
-        except ConsentivrError as exc:
-            log.error("call %s: consent log: %s", self.info.call_id, exc)
+    def _write_later(self, kind: str, payload: Any) -> None:
+        call_id = self.info.call_id
+
+        def done(future: Future[None]) -> None:  # on the committer's thread
+            exc = None if future.cancelled() else future.exception()
+            if exc is not None:
+                log.error("call %s: consent log: %s not written: %s", call_id, kind, exc)
+
+        self.server.committer.submit(kind, payload).add_done_callback(done)
 
     async def _log_decision(self, record: DecisionRecord) -> DecisionLogged:
         future = self.server.committer.submit("append", record)
@@ -608,7 +644,7 @@ class AgiServer:
         info = CallInfo(
             call_id=uuid.uuid4().hex,
             channel_id=uniqueid,
-            linkedid=await self._linkedid(conn, uniqueid),
+            linkedid=_linkedid_arg(env) or await self._linkedid(conn, uniqueid),
             channel_name=env["agi_channel"],
             caller=_caller(env.get("agi_callerid", "")),
         )
@@ -621,7 +657,8 @@ class AgiServer:
 
     @staticmethod
     async def _linkedid(conn: AgiConnection, uniqueid: str) -> str:
-        """The environment has no linkedid: ask for it (one round trip)."""
+        """No linkedid among the AGI arguments (a hand-written ``AGI()``): ask for it
+        (one round trip)."""
         try:
             reply = await conn.command("GET VARIABLE", "CHANNEL(linkedid)")
         except AgiError:
@@ -643,6 +680,12 @@ class AgiServer:
             if pending:
                 log.warning("%d call(s) still in the menu were cut off", len(pending))
                 await asyncio.wait(pending, timeout=5)
+
+
+def _linkedid_arg(env: Mapping[str, str]) -> str | None:
+    """The linkedid the rendered dialplan passes as the first AGI argument
+    (``AGI(agi://.../<flow>,${CHANNEL(linkedid)})``), if it looks like one."""
+    return clean_id(env.get("agi_arg_1"))
 
 
 def _caller(callerid: str) -> str | None:

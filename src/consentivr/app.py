@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -69,6 +69,10 @@ Clock = Callable[[], float]
 DECISION_TIMEOUT = 6.0
 MAX_TEXT = 256  # longest channel name / caller number we keep
 MAX_ID = 150  # Asterisk ids are at most 149 characters
+# The only ARI event types handle_event reads: the service asks Asterisk for these
+# alone (an event filter), which halves the events per call.
+EVENT_TYPES = ("StasisStart", "StasisEnd", "ChannelDtmfReceived", "PlaybackFinished",
+               "ChannelHangupRequest", "ChannelDestroyed")
 
 
 def clean(value: object, limit: int = MAX_TEXT) -> str:
@@ -105,6 +109,8 @@ class AriLike(Protocol):
                    language: str | None = None) -> None: ...
     async def stop_playback(self, playback_id: str) -> None: ...
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+    async def set_variables(self, channel_id: str,
+                            pairs: Sequence[tuple[str, str]]) -> None: ...
     async def continue_in_dialplan(self, channel_id: str, context: str = "",
                                    extension: str = "", priority: int = 0) -> None: ...
     async def hangup(self, channel_id: str) -> None: ...
@@ -211,9 +217,12 @@ class CallSession:
                         return RecordingStarted(False, app.clock(), str(exc))
                     return RecordingStarted(True, app.clock())
                 case MarkRecording(call_id=call_id, confirmed=confirmed, error=error):
-                    await self._write("mark_recording", (call_id, confirmed, error, app.clock()))
+                    # A status of a decision already committed: the caller does not
+                    # wait for its fsync (a failed write is retried by LateLog).
+                    app._spawn(self._write("mark_recording",
+                                           (call_id, confirmed, error, app.clock())))
                 case SetVariables(variables=variables):
-                    await asyncio.gather(*(app.ari.set_variable(ch, k, v) for k, v in variables))
+                    await app.ari.set_variables(ch, variables)
                 case Continue(destination=d):
                     await app.ari.continue_in_dialplan(ch, d.context, d.exten, d.priority)
                 case Hangup():
@@ -420,8 +429,8 @@ class ConsentApp:
 
     async def _leave_unknown(self, channel_id: str) -> None:
         try:
-            await self.ari.set_variable(channel_id, "CONSENTIVR_RECORDING", "no")
-            await self.ari.set_variable(channel_id, "CONSENTIVR_LOGGED", "no")
+            await self.ari.set_variables(channel_id, (("CONSENTIVR_RECORDING", "no"),
+                                                      ("CONSENTIVR_LOGGED", "no")))
             await self.ari.continue_in_dialplan(channel_id)
         except ConsentivrError as exc:
             log.warning("channel %r: %s", channel_id, exc)

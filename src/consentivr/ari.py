@@ -17,7 +17,8 @@ import base64
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +30,32 @@ from consentivr.errors import AriError
 log = logging.getLogger(__name__)
 
 Params = Mapping[str, str | int | float]
+
+# ARRAY(A,B,...) sets plain variables from one comma-separated value: only names and
+# values that its argument parser (commas, quotes, backslashes) leaves intact go in.
+_ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ARRAY_VALUE = re.compile(r"[A-Za-z0-9_.:/@+=~-]+")
+ARRAY_MAX = 50  # func_array takes up to 100 names
+
+
+def assignments(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Variable assignments as few requests: one ``ARRAY(...)`` for every pair it can
+    carry, then the others (functions such as ``CHANNEL(language)``, values with a
+    comma or a quote, empty values) one by one, in their order.
+
+    ``ARRAY()`` sets each variable on its own, so ``VarSet`` events still fire.
+    """
+    plain = [(n, v) for n, v in pairs if _ARRAY_NAME.fullmatch(n) and _ARRAY_VALUE.fullmatch(v)]
+    rest = [(n, v) for n, v in pairs if (n, v) not in plain]
+    out: list[tuple[str, str]] = []
+    for i in range(0, len(plain), ARRAY_MAX):
+        chunk = plain[i:i + ARRAY_MAX]
+        if len(chunk) == 1:
+            out.append(chunk[0])
+        else:
+            out.append((f"ARRAY({','.join(n for n, _ in chunk)})",
+                        ",".join(v for _, v in chunk)))
+    return out + rest
 
 
 class AriClient:
@@ -120,6 +147,16 @@ class AriClient:
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         await self.request("POST", f"/channels/{_seg(channel_id)}/variable",
                            {"variable": name, "value": value})
+
+    async def set_variables(self, channel_id: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """Set several variables in as few requests as :func:`assignments` allows."""
+        await asyncio.gather(*(self.set_variable(channel_id, name, value)
+                               for name, value in assignments(pairs)))
+
+    async def set_event_filter(self, app: str, allowed: Sequence[str]) -> None:
+        """Ask Asterisk to send this app only these event types (Asterisk 20.8+/21.3+)."""
+        await self.request("PUT", f"/applications/{_seg(app)}/eventFilter",
+                           body={"allowed": [{"type": t} for t in allowed]})
 
     async def get_variable(self, channel_id: str, name: str) -> str | None:
         data = await self.request("GET", f"/channels/{_seg(channel_id)}/variable",

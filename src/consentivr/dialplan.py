@@ -128,7 +128,8 @@ def _flow(flow: Flow, options: RenderOptions) -> list[str]:
         why = ("; Stasis() returns here only if the app is down (FAILED) or let the call go\n"
                "; without a location; normally the app continues it at the destination.")
     else:
-        enter = f"AGI({options.agi_url}/{flow.name})"
+        # The linkedid as an argument spares the adapter a GET VARIABLE round trip.
+        enter = f"AGI({options.agi_url}/{flow.name},${{CHANNEL(linkedid)}})"
         status = "AGISTATUS"
         why = "; The FastAGI adapter sets the variables; then the call goes on below."
     sounds = "&".join(_sounds(flow.not_recorded[lang], f"flow {flow.name}: not_recorded")

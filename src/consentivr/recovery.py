@@ -28,7 +28,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +75,8 @@ class RecoveryAri(Protocol):
     async def stop_playback(self, playback_id: str) -> None: ...
     async def get_variable(self, channel_id: str, name: str) -> str | None: ...
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+    async def set_variables(self, channel_id: str,
+                            pairs: Sequence[tuple[str, str]]) -> None: ...
     async def continue_in_dialplan(self, channel_id: str, context: str = "",
                                    extension: str = "", priority: int = 0) -> None: ...
     async def hangup(self, channel_id: str) -> None: ...
@@ -212,8 +214,7 @@ class ChannelRecovery:
             await self.ari.hangup(channel_id)
             outcome.action = "hung_up"
         else:
-            await asyncio.gather(*(self.ari.set_variable(channel_id, k, v)
-                                   for k, v in variables))
+            await self.ari.set_variables(channel_id, variables)
             d = destination or Destination("", "", 0)
             await self.ari.continue_in_dialplan(channel_id, d.context, d.exten, d.priority)
             outcome.action = "continued"

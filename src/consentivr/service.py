@@ -21,10 +21,10 @@ from typing import Any
 
 from consentivr import redaction
 from consentivr.ami import AmiPool, Recorder
-from consentivr.app import ConsentApp
+from consentivr.app import EVENT_TYPES, ConsentApp
 from consentivr.ari import AriClient
 from consentivr.config import Settings
-from consentivr.errors import AmiError, StoreError
+from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.recovery import lookup_in
 from consentivr.store import (
@@ -144,6 +144,11 @@ class Service:
         return self.app
 
     async def _on_connect(self) -> None:
+        # Only the events the app reads: the rest (about half) cost both sides JSON.
+        try:
+            await self.ari.set_event_filter(self.settings.ari.app, EVENT_TYPES)
+        except AriError as exc:  # an older Asterisk: we just get every event
+            log.info("ARI event filter not set (%s); receiving every event", exc)
         self.connected.set()
         if self.app is not None:
             self.app.events_connected()

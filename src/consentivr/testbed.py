@@ -50,7 +50,7 @@ exten => _flow-.,1,NoOp(consentivr test call)
  same => n,Set(CONSENTIVR_RECORDING=no)
  same => n,Goto(consentivr-dest,s,1)
 ; FastAGI mode: the app continues the call at the destination itself.
- same => n(agi),AGI(${CONSENTIVR_TEST_AGI_URL}/${EXTEN:5})
+ same => n(agi),AGI(${CONSENTIVR_TEST_AGI_URL}/${EXTEN:5},${CHANNEL(linkedid)})
  same => n,Set(CONSENTIVR_RECORDING=no)
  same => n,Goto(consentivr-dest,s,1)
 ; SIP callers (sipp) dial 100 for the main flow.
@@ -246,6 +246,9 @@ class Testbed:
             "app": CALLER_APP,
             "channelId": call.caller_id,
             "otherChannelId": call.stasis_id,
+            # As a G.711 phone would: otherwise the Local pair negotiates high-rate
+            # signed linear, and Asterisk spends most of its CPU resampling prompts.
+            "formats": "ulaw",
             "callerId": f'"Test" <{caller_number}>',
         })
         return call

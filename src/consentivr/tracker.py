@@ -193,6 +193,8 @@ class RecordingTracker:
         return None
 
     def _mutes(self, at: float) -> list[Command]:
+        if not (self.held or self.moh or self.muted):
+            return []  # nobody holds and nothing is muted: nothing to (un)mute
         out: list[Command] = []
         for uid in sorted(self.recorded):
             why = self._reason(uid)
