@@ -500,3 +500,13 @@ def test_help_has_an_example() -> None:
     result = CliRunner().invoke(purge_command, ["--help"])
     assert "Example:" in result.output and "consentivr purge --dry-run" in result.output
     assert "Exit codes" in result.output
+
+
+def test_bench_smoke_run() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "purge"
+    result = subprocess.run([sys.executable, str(bench), "--rows", "1000", "--files", "100",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "recording files:   100 (30 expired)" in result.stdout
+    assert "same files left:   yes" in result.stdout

@@ -607,10 +607,14 @@ class Purger:
             for rows in pages:
                 batch = self._plan(rows, report, grace)
                 self._intent(batch, report)
-                if running is not None:
-                    running[0].result()
-                    self._complete(running[1], report)
+                previous = running
+                if previous is not None:
+                    previous[0].result()
+                # The next page's unlinks start before this page is marked: the
+                # worker never waits on the database.
                 running = (pool.submit(self._unlink_all, batch), batch)
+                if previous is not None:
+                    self._complete(previous[1], report)
                 tick(len(rows))
             if running is not None:
                 running[0].result()

@@ -192,7 +192,7 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
     personal fields after log_retention_days (a proof row stays: decision, time,
     notice version, hash chain); callback numbers are cleared when the callback
     purpose ends. Every run, dry or not, is written to the purge log. Safe to run
-    nightly from a timer; exit codes are in `consentivr purge --help` of the docs.
+    nightly from a timer (docs/retention.md has the rules).
 
     \b
     Exit codes: 0 done, 1 could not run, 2 usage, 3 something was left alone
@@ -324,7 +324,7 @@ def verify_command(config_path: str, as_json: bool) -> None:
 # --- subject --------------------------------------------------------------------------
 
 
-@click.group("subject")
+@click.group("subject", short_help="Access and erasure requests (GDPR art. 15, 17).")
 def subject_group() -> None:
     """Answer a data subject's access (art. 15) or erasure (art. 17) request.
 
