@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import sqlite3
 import sys
@@ -29,8 +28,9 @@ from typing import Any, ClassVar
 import click
 
 from consentivr.audit import count_rows, verify_chain
-from consentivr.config import Settings, load_settings
-from consentivr.errors import ConfigError, ConsentivrError, StoreError
+from consentivr.cli import config_option, friendly_errors, settings_from
+from consentivr.config import Settings
+from consentivr.errors import ConsentivrError, StoreError
 from consentivr.retention import (
     DEFAULT_BATCH,
     PurgeBusy,
@@ -55,39 +55,6 @@ DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
 EXIT_PROBLEMS = 3
 EXIT_BUSY = 4
 _SHOWN = 50  # warnings printed in full before "... and N more"
-
-
-# The same --config option and error style as consentivr.cli; kept here so this
-# module does not import the package root that registers it.
-def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--config", "-c", "config_path", type=click.Path(dir_okay=False),
-        default=lambda: os.environ.get("CONSENTIVR_CONFIG", DEFAULT_CONFIG),
-        show_default=f"$CONSENTIVR_CONFIG or {DEFAULT_CONFIG}",
-        help="The service config file.",
-    )(f)
-
-
-@contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Library errors as one-line CLI errors; config errors list every problem."""
-    try:
-        yield
-    except ConfigError as exc:
-        for line in exc.problems[:-1]:
-            click.echo(f"Error: {line}", err=True)
-        raise click.ClickException(exc.problems[-1] if exc.problems else "invalid config") \
-            from None
-    except ConsentivrError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
-    except OSError as exc:
-        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}".strip(": ")) \
-            from None
-
-
-def settings_from(config_path: str) -> Settings:
-    with friendly_errors():
-        return load_settings(config_path)
 
 
 class Busy(click.ClickException):
