@@ -52,7 +52,7 @@ from consentivr.store import PERSONAL_FIELDS, iso, open_database
 DAY = 86400.0
 DEFAULT_GRACE = 300.0  # a file written within 5 minutes belongs to a live call
 DEFAULT_ORPHAN_GRACE = 7 * DAY
-DEFAULT_BATCH = 2000
+DEFAULT_BATCH = 5000
 
 # The purge log. Items hold row numbers (seq) and, for orphans, the file's path
 # under the recordings dir (a call id file name): nothing personal.
@@ -469,16 +469,21 @@ class Purger:
 
     def _due(self, query: tuple[str, str], bound: str,
              batch: int) -> Iterator[list[sqlite3.Row]]:
-        """Keyset pages in index order, so rows left alone are not seen again."""
+        """Keyset pages in index order, so rows left alone are not seen again.
+
+        Pages start small and double up to ``batch``: the first unlinks begin at once.
+        """
         sql, key = query
         last: tuple[str, int] = ("", 0)
+        size = min(batch, 250)
         while True:
             rows = self.conn.execute(
                 f"{sql} AND {key} <= ? AND ({key}, seq) > (?, ?) ORDER BY {key}, seq LIMIT ?",
-                (bound, *last, batch)).fetchall()
+                (bound, *last, size)).fetchall()
             if not rows:
                 return
             last = (rows[-1][key], rows[-1]["seq"])
+            size = min(batch, size * 2)
             yield rows
 
     def purge_recordings(self, rows: Sequence[sqlite3.Row], report: PurgeReport,
@@ -499,6 +504,7 @@ class Purger:
         """Check each file (lstat, never following a link): delete, missing or leave."""
         now = self.clock()
         batch = _Batch(stamp=iso(now))
+        inodes: dict[int, int] = {}
         for row in rows:
             seq, path = row["seq"], row["recording_path"]
             try:
@@ -520,6 +526,9 @@ class Purger:
                 report.counts["in_progress"] += 1
                 continue
             batch.delete.append((seq, parts, path))
+            inodes[seq] = st.st_ino
+        # Inode order: neighbouring inodes share disk blocks, so unlinks go faster.
+        batch.delete.sort(key=lambda item: inodes[item[0]])
         never = {r["seq"] for r in rows if r["recording_confirmed"] == 0}
         for seq, path in batch.missing:
             why = " (MixMonitor never started it)" if seq in never else ""
