@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -49,6 +51,19 @@ def friendly_errors() -> Iterator[None]:
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}".strip(": ")) \
             from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace a config file Asterisk reads in one step: never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # Asterisk reads it as its own user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def settings_from(config_path: str) -> Settings:

@@ -7,15 +7,13 @@ service config (``--config``) and every dialplan file it names.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from consentivr.cli import config_option, friendly_errors
+from consentivr.cli import config_option, friendly_errors, write_atomically
 from consentivr.config import Dialplan, WithdrawalSettings, load_dialplans, load_settings
 from consentivr.dialplan import DEFAULT_AGI_URL, MODES, RenderOptions, render
 from consentivr.errors import ConfigError
@@ -164,25 +162,13 @@ def render_command(files: tuple[Path, ...], config_path: str, prompts_dir: Path 
         if out is None:
             click.echo(text, nl=False)
         else:
-            _write_atomically(out, text)
+            write_atomically(out, text)
             click.echo(f"wrote {out}: {_summary(source)}", err=True)
     missing = [p for p in text_prompts(source.flows.values(), source.menus.values())
                if not p.path.is_file()]
     if missing:
         click.echo(f"note: {len(missing)} text prompt(s) are not built yet, e.g. "
                    f"{missing[0].path}: run consentivr prompts build", err=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # Asterisk reads it as its own user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dialplan.command("schema")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, settings_from
+from consentivr.cli import config_option, friendly_errors, settings_from, write_atomically
 from consentivr.features import applicationmap, withdraw_dialplan
 
 _STOPPED = {
@@ -87,17 +85,5 @@ def features(config_path: str, features_out: Path | None, dialplan_out: Path | N
             click.echo(text)
             continue
         with friendly_errors():
-            _write_atomically(out, text)
+            write_atomically(out, text)
         click.echo(f"wrote {out}", err=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # Asterisk reads it as its own user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
