@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from consentivr.config import Settings, load_settings
-from consentivr.flow import DecisionRecord, KeyPress
+from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
 from consentivr.pbx import PbxEndpoints
 from consentivr.service import Service
@@ -126,21 +126,27 @@ class TcpProxy:
 
 
 async def crash(service: Service) -> None:
-    """Abandon a running in-process service as ``kill -9`` would.
+    """Abandon a running in-process service as ``kill -9`` would, in either mode.
 
-    Nothing is continued or hung up; calls stay in Stasis. Only our own resources
-    are released (the websocket closes, as it does when a process dies).
+    Nothing is continued or hung up: ARI calls stay in Stasis, FastAGI connections
+    just close. Only our own resources are released (sockets close, as they do when a
+    process dies).
     """
-    app = service.app
     if service._pump is not None:
         service._pump.cancel()
-    if app is not None:
-        for task in list(app.tasks):
-            task.cancel()
-        if app._late_task is not None:
-            app._late_task.cancel()
-        await asyncio.sleep(0)
-    await service.ari.close()
+    tasks = list(service.app.tasks) if service.app is not None else []
+    if service.agi is not None and service.agi._server is not None:
+        service.agi._server.close()
+        tasks += list(service.agi.tasks)
+    for task in tasks:
+        task.cancel()
+    if service.writer is not None and service.writer._task is not None:
+        service.writer._task.cancel()
+    await asyncio.sleep(0)
+    if service.ari is not None:
+        await service.ari.close()
+    if service.recording_listener is not None:
+        await service.recording_listener.stop()
     if service.pool is not None:
         service.pool.close()
     if service.committer is not None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from consentivr.flow import (
-    MENU_DEADLINE,
-    CallFlow,
+from consentivr.flow import CallFlow, Phase
+from consentivr.messages import (
     CallInfo,
     CallStarted,
     Command,
+    DeadlinePassed,
     DecisionLogged,
     DecisionRecord,
     DigitPressed,
@@ -21,7 +21,6 @@ from consentivr.flow import (
     Failed,
     HungUp,
     LogDecision,
-    Phase,
     Play,
     PlaybackFinished,
     RecordingStarted,
@@ -152,7 +151,7 @@ class Driver:
             if isinstance(command, Play):
                 self.play_id, self.play_media = command.playback_id, command.media
                 self.play_ids.append(command.playback_id)
-            elif isinstance(command, StartTimer) and command.timer_id != MENU_DEADLINE:
+            elif isinstance(command, StartTimer):
                 self.timer_id = command.timer_id
                 self.timer_ids.append(command.timer_id)
         return commands
@@ -174,7 +173,7 @@ class Driver:
         return self.feed(TimerFired(timer_id or self.timer_id or "none", self.tick()))
 
     def deadline(self) -> list[Command]:
-        return self.feed(TimerFired(MENU_DEADLINE, self.tick()))
+        return self.feed(DeadlinePassed(self.tick()))
 
     def hangup(self) -> list[Command]:
         return self.feed(HungUp(self.tick()))

@@ -8,7 +8,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consentivr.flow import DecisionRecord, KeyPress
+from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
 from consentivr.retention import open_log
 from consentivr.store import CallerKey, ConsentLog

@@ -34,6 +34,7 @@ from consentivr.agi import (
     quote,
 )
 from consentivr.config import Settings, load_settings
+from consentivr.consentwriter import ConsentWriter
 from consentivr.pbx import PbxEndpoints
 from consentivr.store import ConsentLog, GroupCommitter, load_or_create_key
 from consentivr.testbed import flow_yaml, write_config
@@ -255,7 +256,7 @@ def run_bench(tmp_path: Path, scenario: Scenario, flows: str | None = None,
     async def main() -> tuple[Bench, Any]:
         key = load_or_create_key(settings.database, None)
         committer = GroupCommitter(lambda: ConsentLog(settings.database, key))
-        server = AgiServer(settings, committer, env_timeout=env_timeout)
+        server = AgiServer(settings, ConsentWriter(committer), env_timeout=env_timeout)
         try:
             _host, port = await server.start("127.0.0.1", 0)
             bench = Bench(settings, server, port)
@@ -582,7 +583,7 @@ def test_a_stalled_consent_log_does_not_hold_the_caller(tmp_path: Path) -> None:
         key = load_or_create_key(settings.database, None)
         real = GroupCommitter(lambda: ConsentLog(settings.database, key))
         stuck = StuckCommitter(real)
-        server = AgiServer(settings, stuck, log_timeout=0.3)
+        server = AgiServer(settings, ConsentWriter(stuck, timeout=0.3))
         try:
             _host, port = await server.start("127.0.0.1", 0)
             fake = FakeAsterisk(streams=list(GOOD_CALL_STREAMS))
@@ -676,7 +677,7 @@ def test_stop_cuts_off_calls_after_the_drain(tmp_path: Path) -> None:
     async def main() -> tuple[list[str], float]:
         key = load_or_create_key(settings.database, None)
         committer = GroupCommitter(lambda: ConsentLog(settings.database, key))
-        server = AgiServer(settings, committer)
+        server = AgiServer(settings, ConsentWriter(committer))
         _host, port = await server.start("127.0.0.1", 0)
         fake = FakeAsterisk(replies={"STREAM FILE": ""})  # the notice "plays" forever
         call = asyncio.ensure_future(fake.call(port))
@@ -701,11 +702,11 @@ def test_listening_twice_on_one_port_is_a_clear_error(tmp_path: Path) -> None:
 
     async def main() -> None:
         committer: Any = object()
-        first = AgiServer(settings, committer)
+        first = AgiServer(settings, ConsentWriter(committer))
         _host, port = await first.start("127.0.0.1", 0)
         try:
             with pytest.raises(AgiError, match=f"cannot listen on 127.0.0.1:{port}"):
-                await AgiServer(settings, committer).start("127.0.0.1", port)
+                await AgiServer(settings, ConsentWriter(committer)).start("127.0.0.1", port)
         finally:
             await first.stop(drain=0)
 
@@ -789,3 +790,23 @@ def test_cli_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert f"Error: cannot listen on 127.0.0.1:{port}" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("crafted", [
+    "200 result=1 (x)" + " a=)" * 2000 + " !",
+    "200 result=1 (" + ") a=" * 2000 + " !",
+    "200 result=1 (" + " a=b)" * 1600 + "\t!",
+])
+def test_a_crafted_reply_is_parsed_in_linear_time(crafted: str) -> None:
+    # L2: the old backtracking regex spent about 0.2 s of event-loop time on each of
+    # these 8 KiB lines; a linear parser needs well under a millisecond.
+    import time
+
+    took = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with pytest.raises(AgiError):
+            parse_reply(crafted)
+        took.append(time.perf_counter() - start)
+    assert len(crafted) <= LINE_LIMIT
+    assert sorted(took)[1] < 0.02

@@ -1,6 +1,6 @@
 """Each fault on its own (issue 7): reconnect, recovery, fail-closed, security.
 
-The unit tests drive :class:`~consentivr.app.ConsentApp` with fakes; the integration
+The unit tests drive :class:`~consentivr.stasis.StasisApp` with fakes; the integration
 tests (``pbx`` fixture) break one thing at a time around the real Asterisk 22: the
 events websocket, consentivr itself (a crash mid-call), AMI, the database (locked,
 full, read-only) and Asterisk (a restart, on a PBX of its own).
@@ -25,15 +25,17 @@ from aiohttp import web
 
 from consentivr import redaction
 from consentivr.ami import AmiPool, Recorder
-from consentivr.app import ConsentApp
 from consentivr.ari import AriClient
 from consentivr.config import AmiSettings, AriSettings, Settings, load_settings
+from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, ConfigError, StoreError
-from consentivr.flow import DecisionRecord, Phase
+from consentivr.flow import Phase
+from consentivr.messages import DecisionRecord
 from consentivr.model import Decision
 from consentivr.pbx import SandboxPbx
 from consentivr.recovery import BUDGET, LoggedCall
 from consentivr.service import LazyLog, Service, prepare_paths
+from consentivr.stasis import StasisApp
 from consentivr.store import (
     CallerKey,
     ConsentLog,
@@ -84,7 +86,7 @@ def dtmf(channel_id: str, digit: str) -> dict[str, Any]:
     return {"type": "ChannelDtmfReceived", "digit": digit, "channel": {"id": channel_id}}
 
 
-async def run_call(app: ConsentApp, ari: FakeAri, channel_id: str, digits: str,
+async def run_call(app: StasisApp, ari: FakeAri, channel_id: str, digits: str,
                    timeout: float = 10) -> None:
     """One fake call: StasisStart, then a digit whenever a question waits."""
     app.handle_event(stasis_start(channel_id))
@@ -102,10 +104,10 @@ async def run_call(app: ConsentApp, ari: FakeAri, channel_id: str, digits: str,
 
 
 def fake_app(settings: Settings, committer: Any = None, recorder: Any = None,
-             lookup: Any = None, decision_timeout: float = 6.0) -> tuple[ConsentApp, FakeAri]:
+             lookup: Any = None, decision_timeout: float = 6.0) -> tuple[StasisApp, FakeAri]:
     ari = FakeAri()
-    app = ConsentApp(settings, ari, recorder or FakeRecorder(), committer or FakeCommitter(),
-                     lookup=lookup, decision_timeout=decision_timeout)
+    writer = ConsentWriter(committer or FakeCommitter(), timeout=decision_timeout)
+    app = StasisApp(settings, ari, recorder or FakeRecorder(), writer, lookup=lookup)
     ari.app = app
     return app, ari
 
@@ -121,10 +123,10 @@ def test_decision_not_logged_goes_on_unrecorded_then_late_row(settings: Settings
 
     async def main() -> None:
         app, ari = fake_app(settings, committer, recorder)
-        app.start_background()
+        app.writer.start()
         await run_call(app, ari, "ch-1", "11")
         await wait_for(lambda: committer.written, 10, "the late row")
-        await app.close(1)
+        await app.writer.close(1)
         assert ari.variables["ch-1"]["CONSENTIVR_LOGGED"] == "no"
         assert ari.variables["ch-1"]["CONSENTIVR_RECORDING"] == "no"
         assert ari.variables["ch-1"]["CONSENTIVR_DECISION_RECORDING"] == "error"
@@ -148,11 +150,11 @@ def test_slow_commit_goes_on_unrecorded_and_late_commit_is_marked(settings: Sett
 
     async def main() -> None:
         app, ari = fake_app(settings, committer, recorder, decision_timeout=0.2)
-        app.start_background()
+        app.writer.start()
         await run_call(app, ari, "ch-2", "12")
         assert ari.variables["ch-2"]["CONSENTIVR_RECORDING"] == "no"
         await wait_for(lambda: len(committer.written) == 2, 10, "the late mark")
-        await app.close(1)
+        await app.writer.close(1)
 
     asyncio.run(main())
     assert recorder.started == []
@@ -171,9 +173,9 @@ def test_ami_down_when_recording_should_start_row_says_not_confirmed(
 
     async def main() -> FakeAri:
         app, ari = fake_app(settings, committer, FakeRecorder(fail=True))
-        app.start_background()
+        app.writer.start()
         await run_call(app, ari, "ch-3", "11")
-        await app.close(1)
+        await app.writer.close(1)
         return ari
 
     ari = asyncio.run(main())
@@ -263,7 +265,7 @@ def test_service_starts_and_fails_closed_when_the_database_cannot_open(
 
 def _recovery_app(settings: Settings, logged: LoggedCall | None = None, *,
                   committer: Any = None, recorder: Any = None,
-                  lookup_error: bool = False) -> tuple[ConsentApp, FakeAri]:
+                  lookup_error: bool = False) -> tuple[StasisApp, FakeAri]:
     async def lookup(uniqueid: str) -> LoggedCall | None:
         if lookup_error:
             raise StoreError("consent.db: cannot read the consent log: disk I/O error")
@@ -281,7 +283,7 @@ def _recovery_app(settings: Settings, logged: LoggedCall | None = None, *,
     return app, ari
 
 
-async def _reconcile(app: ConsentApp, ari: FakeAri) -> float:
+async def _reconcile(app: StasisApp, ari: FakeAri) -> float:
     started = time.monotonic()
     await app.reconcile(settle=0)
     await wait_for(lambda: "orphan" not in app.recovering and not app.tasks, 10, "recovery")
@@ -386,7 +388,7 @@ def test_recovery_finishes_within_budget_when_the_log_hangs(settings: Settings) 
 
 
 def test_recovery_leaves_live_sessions_alone_and_ends_vanished_ones(settings: Settings) -> None:
-    async def main() -> tuple[ConsentApp, FakeAri]:
+    async def main() -> tuple[StasisApp, FakeAri]:
         app, ari = fake_app(settings)
         ari.play_seconds = 30  # keep the calls in their notice
         for ch in ("live", "vanished"):
@@ -802,8 +804,9 @@ def _workdir(pbx: Any) -> Path:
 def bed_factory(pbx: Any) -> Callable[..., Testbed]:
     pbx.set_dialplan(dialplan_for_tests(agent_sound="demo-thanks"))
 
-    def make(flows: str | None = None, extra: str = "") -> Testbed:
-        return Testbed(pbx, _workdir(pbx), flows or flow_yaml(timeout=2.0), extra_config=extra)
+    def make(flows: str | None = None, extra: str = "", mode: str = "ari") -> Testbed:
+        return Testbed(pbx, _workdir(pbx), flows or flow_yaml(timeout=2.0), extra_config=extra,
+                       mode=mode)
 
     return make
 
@@ -1026,11 +1029,14 @@ def test_ami_down_call_goes_on_unconfirmed_then_ami_comes_back(
 
 
 @pbx_tests
+@pytest.mark.parametrize("mode", ["ari", "agi"])
 @pytest.mark.parametrize(("lock_seconds", "logged"), [(2.0, True), (9.0, False)])
 def test_database_locked_during_a_call(
-    bed_factory: Callable[..., Testbed], lock_seconds: float, logged: bool,
+    bed_factory: Callable[..., Testbed], lock_seconds: float, logged: bool, mode: str,
 ) -> None:
-    bed = bed_factory()
+    """A late commit, in both modes: the call waits at most 6 s, then goes on told
+    "not logged"; the row the log gets later says what was acted on."""
+    bed = bed_factory(mode=mode)
 
     async def scenario(bed: Testbed) -> str | None:
         call = await bed.call()

@@ -5,32 +5,47 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consentivr.features import FEATURE_NAME as WITHDRAW_FEATURE
 from consentivr.flow import (
     DAY,
-    EVENT_TYPES,
-    MENU_DEADLINE,
+    LATE_COMMIT_REASON,
     TRANSITIONS,
-    Answer,
     CallFlow,
+    Phase,
+    RecoveryRecording,
+    late_commit,
+    recovery_recording,
+    resumed_variables,
+    unknown_flow,
+    unlogged_variables,
+)
+from consentivr.messages import (
+    EVENT_TYPES,
+    Answer,
+    ArmDeadline,
     CallInfo,
     CallStarted,
     CancelTimer,
     Command,
     Continue,
+    DeadlinePassed,
     DecisionLogged,
+    DecisionRecord,
     DigitPressed,
+    DisarmDeadline,
     Event,
     Failed,
     Hangup,
     HungUp,
     LogDecision,
+    LoggedCall,
     MarkRecording,
-    Phase,
     Play,
     PlaybackFinished,
     RecordingStarted,
@@ -78,9 +93,9 @@ def natural_event(d: Driver, kind: type) -> Event:
     if kind is PlaybackFinished:
         return PlaybackFinished(d.play_id or "none", at)
     if kind is TimerFired:
-        # The wait timer while one runs, else the only other timer: the menu deadline.
-        waiting = d.phase in (P.LANGUAGE_WAIT, P.QUESTION_WAIT)
-        return TimerFired(d.timer_id if waiting and d.timer_id else MENU_DEADLINE, at)
+        return TimerFired(d.timer_id or "none", at)  # the current wait, if one runs
+    if kind is DeadlinePassed:
+        return DeadlinePassed(at)
     if kind is HungUp:
         return HungUp(at)
     if kind is DecisionLogged:
@@ -93,16 +108,17 @@ def natural_event(d: Driver, kind: type) -> Event:
 
 
 IGNORED: tuple[bool, list[type], None] = (False, [], None)  # not in TRANSITIONS
-_LOG = [CancelTimer, LogDecision]  # the deadline timer is cancelled with the decision
+_LOG = [DisarmDeadline, LogDecision]  # the menu deadline is disarmed with the decision
 _STOP_LOG = [StopPlayback, *_LOG]
 _WAIT_LOG = [CancelTimer, *_LOG]  # the wait timer too
 
 # (phase, event type) -> (listed in TRANSITIONS, command types, next phase or None = same)
 PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
-    (P.START, CallStarted): (True, [Answer, StartTimer, Play], P.LANGUAGE_PROMPT),
+    (P.START, CallStarted): (True, [Answer, ArmDeadline, Play], P.LANGUAGE_PROMPT),
     (P.START, DigitPressed): IGNORED,
     (P.START, PlaybackFinished): IGNORED,
     (P.START, TimerFired): IGNORED,
+    (P.START, DeadlinePassed): IGNORED,
     (P.START, HungUp): (True, _LOG, P.LOGGING),
     (P.START, DecisionLogged): IGNORED,
     (P.START, RecordingStarted): IGNORED,
@@ -110,7 +126,8 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.LANGUAGE_PROMPT, CallStarted): IGNORED,
     (P.LANGUAGE_PROMPT, DigitPressed): (True, [StopPlayback, Play], P.NOTICE),
     (P.LANGUAGE_PROMPT, PlaybackFinished): (True, [StartTimer], P.LANGUAGE_WAIT),
-    (P.LANGUAGE_PROMPT, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.LANGUAGE_PROMPT, TimerFired): IGNORED,  # no wait runs while a prompt plays
+    (P.LANGUAGE_PROMPT, DeadlinePassed): (True, _STOP_LOG, P.LOGGING),
     (P.LANGUAGE_PROMPT, HungUp): (True, _LOG, P.LOGGING),  # nothing to stop on a dead line
     (P.LANGUAGE_PROMPT, DecisionLogged): IGNORED,
     (P.LANGUAGE_PROMPT, RecordingStarted): IGNORED,
@@ -119,6 +136,7 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.LANGUAGE_WAIT, DigitPressed): (True, [CancelTimer, Play], P.NOTICE),
     (P.LANGUAGE_WAIT, PlaybackFinished): IGNORED,
     (P.LANGUAGE_WAIT, TimerFired): (True, [Play], P.LANGUAGE_PROMPT),  # asked again
+    (P.LANGUAGE_WAIT, DeadlinePassed): (True, _WAIT_LOG, P.LOGGING),
     (P.LANGUAGE_WAIT, HungUp): (True, _WAIT_LOG, P.LOGGING),
     (P.LANGUAGE_WAIT, DecisionLogged): IGNORED,
     (P.LANGUAGE_WAIT, RecordingStarted): IGNORED,
@@ -126,7 +144,8 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.NOTICE, CallStarted): IGNORED,
     (P.NOTICE, DigitPressed): (True, [StopPlayback, Play], P.QUESTION_PROMPT),
     (P.NOTICE, PlaybackFinished): (True, [Play], P.QUESTION_PROMPT),
-    (P.NOTICE, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.NOTICE, TimerFired): IGNORED,  # no wait runs while a prompt plays
+    (P.NOTICE, DeadlinePassed): (True, _STOP_LOG, P.LOGGING),
     (P.NOTICE, HungUp): (True, _LOG, P.LOGGING),
     (P.NOTICE, DecisionLogged): IGNORED,
     (P.NOTICE, RecordingStarted): IGNORED,
@@ -134,7 +153,8 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.QUESTION_PROMPT, CallStarted): IGNORED,
     (P.QUESTION_PROMPT, DigitPressed): (True, [StopPlayback, Play], P.QUESTION_PROMPT),
     (P.QUESTION_PROMPT, PlaybackFinished): (True, [StartTimer], P.QUESTION_WAIT),
-    (P.QUESTION_PROMPT, TimerFired): (True, _STOP_LOG, P.LOGGING),
+    (P.QUESTION_PROMPT, TimerFired): IGNORED,  # no wait runs while a prompt plays
+    (P.QUESTION_PROMPT, DeadlinePassed): (True, _STOP_LOG, P.LOGGING),
     (P.QUESTION_PROMPT, HungUp): (True, _LOG, P.LOGGING),
     (P.QUESTION_PROMPT, DecisionLogged): IGNORED,
     (P.QUESTION_PROMPT, RecordingStarted): IGNORED,
@@ -143,6 +163,7 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.QUESTION_WAIT, DigitPressed): (True, [CancelTimer, Play], P.QUESTION_PROMPT),
     (P.QUESTION_WAIT, PlaybackFinished): IGNORED,
     (P.QUESTION_WAIT, TimerFired): (True, [Play], P.QUESTION_PROMPT),  # asked again
+    (P.QUESTION_WAIT, DeadlinePassed): (True, _WAIT_LOG, P.LOGGING),
     (P.QUESTION_WAIT, HungUp): (True, _WAIT_LOG, P.LOGGING),
     (P.QUESTION_WAIT, DecisionLogged): IGNORED,
     (P.QUESTION_WAIT, RecordingStarted): IGNORED,
@@ -151,6 +172,7 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.LOGGING, DigitPressed): IGNORED,  # a late key after the decision
     (P.LOGGING, PlaybackFinished): IGNORED,
     (P.LOGGING, TimerFired): IGNORED,
+    (P.LOGGING, DeadlinePassed): IGNORED,
     (P.LOGGING, HungUp): (True, [], None),  # remembered: no recording, no Continue later
     (P.LOGGING, DecisionLogged): (True, [StartRecording], P.RECORDING),
     (P.LOGGING, RecordingStarted): IGNORED,
@@ -159,6 +181,7 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.RECORDING, DigitPressed): IGNORED,
     (P.RECORDING, PlaybackFinished): IGNORED,
     (P.RECORDING, TimerFired): IGNORED,
+    (P.RECORDING, DeadlinePassed): IGNORED,
     (P.RECORDING, HungUp): (True, [], None),
     (P.RECORDING, DecisionLogged): IGNORED,
     (P.RECORDING, RecordingStarted): (True, [MarkRecording, SetVariables, Continue], P.DONE),
@@ -167,6 +190,7 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.DONE, DigitPressed): IGNORED,
     (P.DONE, PlaybackFinished): IGNORED,
     (P.DONE, TimerFired): IGNORED,
+    (P.DONE, DeadlinePassed): IGNORED,
     (P.DONE, HungUp): (True, [], None),
     (P.DONE, DecisionLogged): IGNORED,
     (P.DONE, RecordingStarted): IGNORED,
@@ -287,7 +311,7 @@ def test_menu_deadline_ends_the_menu_without_any_go_ahead(phase: Phase) -> None:
     d = drive_to(phase)
     commands = d.deadline()
     assert isinstance(commands[-1], LogDecision)
-    assert CancelTimer(MENU_DEADLINE) in commands
+    assert DisarmDeadline() in commands
     if d.play_id and phase in PROMPT_PHASES:
         assert StopPlayback(d.play_id) in commands
     assert d.phase is P.LOGGING
@@ -745,14 +769,14 @@ def test_language_menu_timeouts_do_not_use_up_the_first_questions_retries() -> N
 def test_language_menu_with_one_language_is_skipped() -> None:
     flow = make_flow(language_menu=True, languages=("en",))
     d = Driver(flow)
-    assert types(d.start()) == [Answer, StartTimer, Play]
+    assert types(d.start()) == [Answer, ArmDeadline, Play]
     assert d.phase is P.NOTICE
 
 
 def test_call_start_answers_and_arms_the_menu_deadline() -> None:
     d = Driver(make_flow(max_menu_seconds=42.0))
     commands = d.start()
-    assert commands[:2] == [Answer(), StartTimer(MENU_DEADLINE, 42.0)]
+    assert commands[:2] == [Answer(), ArmDeadline(42.0)]
     assert commands[2] == Play(d.play_id or "", ("sound:notice-en",), "en")
 
 
@@ -1054,7 +1078,7 @@ def check_invariants(d: Driver) -> None:
                 assert c.playback_id in d.play_ids
             if isinstance(c, Play):
                 playing = c.playback_id
-            if isinstance(c, StartTimer) and c.timer_id != MENU_DEADLINE:
+            if isinstance(c, StartTimer):
                 # a wait starts only once the prompt has been heard to its end
                 assert finished, (event, playing)
             if isinstance(c, StartRecording):
@@ -1154,3 +1178,115 @@ def test_hangup_while_logging_a_yes_marks_the_recording_unconfirmed() -> None:
     commands = d.logged(True)
     assert commands == [MarkRecording(CALL.call_id, False, "caller hung up")]
     assert d.phase is P.DONE
+
+
+# --- decisions outside one call's menu (issue 11): one table each -------------------
+
+
+def _row(recording: bool, callback: bool) -> DecisionRecord:
+    d = Driver(make_flow())
+    d.start()
+    d.played()
+    answers = {"recording": recording, "callback": callback}
+    for p in d.cf.flow.purposes:
+        d.digit((p.yes_key if answers.get(p.name) else p.no_key) or "9")
+    [log] = [c for _, cmds in d.trace for c in cmds if isinstance(c, LogDecision)]
+    return log.record
+
+
+@pytest.mark.parametrize(("recording", "callback", "committed", "expected"), [
+    # committed after the call went on told "not logged": void whatever it allows
+    (True, True, True, "void_late_consent"),
+    (True, False, True, "void_late_consent"),
+    (False, True, True, "void_late_consent"),  # a callback-only yes is voided too
+    (False, False, True, None),  # nothing allowed: nothing to void
+    # never committed: write what was acted on, every purpose error
+    (True, True, False, "append"),
+    (False, False, False, "append"),
+])
+def test_late_commit(recording: bool, callback: bool, committed: bool,
+                     expected: str | None) -> None:
+    record = _row(recording, callback)
+    assert record.allows_processing is (recording or callback)
+    write = late_commit(record, committed=committed, error="database is locked", at=5.0)
+    assert (write.kind if write else None) == expected
+    if expected == "void_late_consent":
+        assert write is not None and write.payload == (record.call_id, LATE_COMMIT_REASON, 5.0)
+    if expected == "append":
+        assert write is not None and isinstance(write.payload, DecisionRecord)
+        row = write.payload
+        assert set(row.decisions.values()) == {Decision.ERROR}
+        assert (row.recording_path, row.recording_until, row.callback_until) == (None,) * 3
+        assert row.outcome == "error: not logged before the call went on (database is locked)"
+        assert row.keys == record.keys, "the keys stay as evidence"
+
+
+def test_unknown_flow_leaves_logged_unset_so_the_dialplan_fallback_runs() -> None:
+    assert unknown_flow() == [SetVariables((("CONSENTIVR_RECORDING", "no"),)), Continue(None)]
+
+
+def _logged(**changes: object) -> LoggedCall:
+    call_id = "0123456789abcdef0123456789abcdef"
+    base: dict[str, Any] = dict(
+        call_id=call_id, flow="main", language="nl",
+        decisions={"recording": "yes", "callback": "no", "bad name": "yes", "x": "maybe"},
+        recording_path=f"/rec/{call_id}.wav", recording_confirmed=True)
+    return LoggedCall(**{**base, **changes})
+
+
+@pytest.mark.parametrize(("logged", "hanging_up", "expected"), [
+    (_logged(), False, RecoveryRecording.RUNNING),  # MixMonitor outlived us
+    (_logged(), True, RecoveryRecording.RUNNING),
+    (_logged(recording_confirmed=None), False, RecoveryRecording.START),
+    (_logged(recording_confirmed=None), True, RecoveryRecording.NONE),  # never on hang-up
+    (_logged(recording_confirmed=False), False, RecoveryRecording.NONE),  # it failed then
+    (_logged(recording_path=None), False, RecoveryRecording.NONE),  # no yes
+    (_logged(recording_path="/elsewhere/x.wav", recording_confirmed=None), False,
+     RecoveryRecording.NONE),  # a path we did not make
+    (_logged(call_id="../../etc", recording_path="/rec/../../etc.wav",
+             recording_confirmed=None), False, RecoveryRecording.NONE),
+])
+def test_recovery_recording(logged: LoggedCall, hanging_up: bool,
+                            expected: RecoveryRecording) -> None:
+    assert recovery_recording(logged, "/rec/", hanging_up) is expected
+
+
+@pytest.mark.parametrize("recording", [True, False])
+def test_resumed_call_variables_match_a_call_that_never_left(recording: bool) -> None:
+    pairs = dict(resumed_variables(_logged(), recording).variables)
+    assert pairs["CONSENTIVR_LOGGED"] == "yes"
+    assert pairs["CONSENTIVR_RECORDING"] == ("yes" if recording else "no")
+    # After a restart a recorded call keeps its withdrawal key.
+    assert ("DYNAMIC_FEATURES" in pairs) is recording
+    if recording:
+        assert pairs["DYNAMIC_FEATURES"] == WITHDRAW_FEATURE
+    assert pairs["CHANNEL(language)"] == pairs["CONSENTIVR_LANGUAGE"] == "nl"
+    # Only well-formed names and known decisions from the row reach the dialplan.
+    assert {k for k in pairs if k.startswith("CONSENTIVR_DECISION_")} == {
+        "CONSENTIVR_DECISION_RECORDING", "CONSENTIVR_DECISION_CALLBACK"}
+
+
+@pytest.mark.parametrize("flow", [make_flow(), None])
+def test_unlogged_variables_allow_nothing(flow: Flow | None) -> None:
+    pairs = dict(unlogged_variables(flow).variables)
+    assert pairs["CONSENTIVR_LOGGED"] == pairs["CONSENTIVR_RECORDING"] == "no"
+    assert "DYNAMIC_FEATURES" not in pairs
+    decisions = {v for k, v in pairs.items() if k.startswith("CONSENTIVR_DECISION_")}
+    assert decisions == ({"error"} if flow else set())
+
+
+def test_the_transition_table_is_one_literal() -> None:
+    # No pairs added by loops: the table in the source is the whole machine.
+    import ast
+    import inspect
+
+    import consentivr.flow as module
+
+    tree = ast.parse(inspect.getsource(module))
+    [table] = [n for n in tree.body if isinstance(n, ast.AnnAssign)
+               and getattr(n.target, "id", "") == "TRANSITIONS"]
+    assert isinstance(table.value, ast.Dict)
+    assert len(table.value.keys) == len(TRANSITIONS)
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Subscript)
+                and getattr(n.value, "id", "") == "TRANSITIONS"
+                and isinstance(getattr(n, "ctx", None), ast.Store)]

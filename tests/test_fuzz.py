@@ -6,7 +6,7 @@ unsafe path.
   Settings or raises ConfigError with one-line problems that never quote a secret.
 - Channel data: caller ids, channel names, ids, flow arguments and whole events with
   quotes, newlines, ``;``, ``..``, NULs, lone surrogates, very long and non-ASCII
-  strings, fed through ``ConsentApp.handle_event`` (fake ARI and recorder, the real
+  strings, fed through ``StasisApp.handle_event`` (fake ARI and recorder, the real
   consent log). Nothing raises, every recording path is ``<recordings dir>/<hex>.wav``,
   every id that reaches an ARI path is one Asterisk could have made, and the log
   stores what it got only as SQL parameters.
@@ -29,9 +29,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from consentivr.app import ConsentApp, clean, clean_id
 from consentivr.config import load_settings
+from consentivr.consentwriter import ConsentWriter
+from consentivr.driver import clean, clean_id
 from consentivr.errors import ConfigError
+from consentivr.stasis import StasisApp
 from consentivr.store import CallerKey, ConsentLog
 from consentivr.testbed import flow_yaml
 from tests.fault_fixtures import (
@@ -225,7 +227,7 @@ def _run_call(work: Path, event: dict[str, Any], digits: str) -> tuple[FakeAri, 
     async def main() -> FakeAri:
         asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: loop_errors.append(ctx))
         ari = FakeAri()
-        app = ConsentApp(settings_obj, ari, recorder, committer)
+        app = StasisApp(settings_obj, ari, recorder, ConsentWriter(committer))
         ari.app = app
         app.handle_event(event)
         channel_id = clean_id(event["channel"]["id"])
@@ -235,7 +237,7 @@ def _run_call(work: Path, event: dict[str, Any], digits: str) -> tuple[FakeAri, 
                               "channel": {"id": event["channel"]["id"]}})
         await wait_for(lambda: not app.tasks, 10, "the call to end")
         assert channel_id not in app.sessions
-        await app.close(1)
+        await app.writer.close(1)
         return ari
 
     try:
@@ -292,7 +294,7 @@ def test_malformed_events_never_raise(event: Any) -> None:
 
         async def main() -> None:
             ari = FakeAri(play_seconds=30)
-            app = ConsentApp(settings_obj, ari, FakeRecorder(), FakeCommitter())
+            app = StasisApp(settings_obj, ari, FakeRecorder(), ConsentWriter(FakeCommitter()))
             ari.app = app
             app.handle_event(event)
             app.handle_event(event)  # twice: duplicates must not double a session
@@ -302,7 +304,7 @@ def test_malformed_events_never_raise(event: Any) -> None:
             for task in list(app.tasks):
                 task.cancel()
             await asyncio.sleep(0)
-            await app.close(0.1)
+            await app.writer.close(0.1)
 
         asyncio.run(main())
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from consentivr.agi import AgiConnection, AgiError, _linkedid_arg
+from consentivr.agi import AgiConnection, AgiError
+from consentivr.agi.server import _linkedid_arg
 from consentivr.ari import ARRAY_MAX, assignments
 from consentivr.tracker import Mute, RecordingTracker
 

@@ -32,3 +32,7 @@ class AriError(ConsentivrError):
 
 class AmiError(ConsentivrError):
     """Talking to Asterisk's manager interface failed."""
+
+
+class ChannelGone(ConsentivrError):
+    """The caller's channel is gone (hung up, or its connection closed): not our failure."""

@@ -1,9 +1,17 @@
 """The consent call flow as a pure state machine (sans-IO).
 
-Events go in (:meth:`CallFlow.handle`), commands come out. There is no ``await``
-and no I/O here: the ARI and FastAGI adapters run the commands and feed back what
-happened. Every transition is listed in ``TRANSITIONS``; a pair that is not
-listed is ignored on purpose (a late digit after the decision, a stale timer).
+Events go in (:meth:`CallFlow.handle`), commands come out (both in
+:mod:`consentivr.messages`). There is no ``await`` and no I/O here:
+:mod:`consentivr.driver` runs the commands through a transport (ARI or FastAGI) and
+feeds back what happened. Every transition is listed in ``TRANSITIONS``, one literal
+table; a pair that is not listed is ignored on purpose (a late digit after the
+decision, a stale timer).
+
+Every consent decision lives here, for both modes: the answers, retries, the menu
+deadline, which variables the dialplan sees (also for an unknown flow and for a call
+taken back after a restart), what a decision committed too late means
+(:func:`late_commit`), and whether recovery may (re)start a recording
+(:func:`recovery_recording`).
 
 Privacy by default: silence, invalid keys past the retries, a hang-up, or any
 failure reported with :class:`Failed` leave every consent purpose without a yes,
@@ -12,204 +20,51 @@ and recording starts only after :class:`DecisionLogged` says the row is committe
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from consentivr.features import FEATURE_NAME as WITHDRAW_FEATURE
-from consentivr.model import Decision, Destination, Flow, Prompt, Purpose
+from consentivr.messages import (
+    Answer,
+    ArmDeadline,
+    CallInfo,
+    CallStarted,
+    CancelTimer,
+    Command,
+    Continue,
+    DeadlinePassed,
+    DecisionLogged,
+    DecisionRecord,
+    DigitPressed,
+    DisarmDeadline,
+    Event,
+    Failed,
+    Hangup,
+    HungUp,
+    KeyPress,
+    LateWrite,
+    LogDecision,
+    LoggedCall,
+    MarkRecording,
+    Outcome,
+    Play,
+    PlaybackFinished,
+    RecordingStarted,
+    SetVariables,
+    StartRecording,
+    StartTimer,
+    StopPlayback,
+    TimerFired,
+)
+from consentivr.model import Decision, Flow, Prompt, Purpose
 
 DAY = 86400.0
-MENU_DEADLINE = "menu-deadline"
-
-
-# --- events -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CallStarted:
-    at: float
-
-
-@dataclass(frozen=True)
-class DigitPressed:
-    digit: str
-    at: float
-
-
-@dataclass(frozen=True)
-class PlaybackFinished:
-    playback_id: str
-    at: float
-
-
-@dataclass(frozen=True)
-class TimerFired:
-    timer_id: str
-    at: float
-
-
-@dataclass(frozen=True)
-class HungUp:
-    at: float
-
-
-@dataclass(frozen=True)
-class DecisionLogged:
-    """The adapter's answer to :class:`LogDecision`: was the row durably committed?"""
-
-    ok: bool
-    at: float
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class RecordingStarted:
-    """The adapter's answer to :class:`StartRecording`: did Asterisk confirm it?"""
-
-    ok: bool
-    at: float
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A command of ours failed (playback, answer, continue...)."""
-
-    reason: str
-    at: float
-
-
-Event = (
-    CallStarted
-    | DigitPressed
-    | PlaybackFinished
-    | TimerFired
-    | HungUp
-    | DecisionLogged
-    | RecordingStarted
-    | Failed
-)
-EVENT_TYPES: tuple[type, ...] = (
-    CallStarted,
-    DigitPressed,
-    PlaybackFinished,
-    TimerFired,
-    HungUp,
-    DecisionLogged,
-    RecordingStarted,
-    Failed,
-)
-
-
-# --- commands ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    pass
-
-
-@dataclass(frozen=True)
-class Play:
-    playback_id: str
-    media: tuple[str, ...]
-    language: str
-
-
-@dataclass(frozen=True)
-class StopPlayback:
-    playback_id: str
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    timer_id: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    timer_id: str
-
-
-@dataclass(frozen=True)
-class KeyPress:
-    digit: str
-    at: float
-    step: str  # "language", "notice" or a purpose name
-
-
-@dataclass(frozen=True)
-class DecisionRecord:
-    """Everything the consent log keeps about one call's decision."""
-
-    call_id: str
-    channel_id: str
-    linkedid: str
-    channel_name: str
-    caller: str | None
-    flow: str
-    language: str
-    notice_version: str
-    started_at: float
-    decided_at: float
-    keys: tuple[KeyPress, ...]
-    decisions: Mapping[str, Decision]
-    retention_until: Mapping[str, float]  # epoch seconds, per purpose
-    recording_path: str | None  # set only when recording is allowed
-    outcome: str  # completed | abandoned | error: <reason>
-    recording_until: float | None = None  # retention deadline of the recording, if any
-    callback_until: float | None = None  # set only when the caller asked for a callback
-
-
-@dataclass(frozen=True)
-class LogDecision:
-    record: DecisionRecord
-
-
-@dataclass(frozen=True)
-class StartRecording:
-    path: str
-
-
-@dataclass(frozen=True)
-class MarkRecording:
-    """Tell the log whether recording was confirmed started."""
-
-    call_id: str
-    confirmed: bool
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class SetVariables:
-    variables: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Continue:
-    destination: Destination
-
-
-@dataclass(frozen=True)
-class Hangup:
-    pass
-
-
-Command = (
-    Answer
-    | Play
-    | StopPlayback
-    | StartTimer
-    | CancelTimer
-    | LogDecision
-    | StartRecording
-    | MarkRecording
-    | SetVariables
-    | Continue
-    | Hangup
-)
+LATE_COMMIT_REASON = "decision committed after the call went on"
+_RECORDING_NAME = re.compile(r"[0-9a-f]{32}\.wav")
+_PURPOSE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 # --- states -----------------------------------------------------------------
@@ -227,17 +82,6 @@ class Phase(StrEnum):
     DONE = "done"  # continued into the dialplan, or hung up
 
 
-@dataclass(frozen=True)
-class CallInfo:
-    """Identity of the call, from the adapter. ``call_id`` is ours, never caller data."""
-
-    call_id: str
-    channel_id: str  # Asterisk uniqueid of the caller's channel
-    linkedid: str = ""
-    channel_name: str = ""
-    caller: str | None = None
-
-
 @dataclass
 class _Progress:
     language: str
@@ -248,7 +92,8 @@ class _Progress:
     playback_id: str | None = None
     timer_id: str | None = None
     started_at: float = 0.0
-    outcome: str = "completed"
+    outcome: Outcome = Outcome.COMPLETED
+    error: str | None = None  # why, when the outcome is ERROR
     hung_up: bool = False
     recording_path: str | None = None
 
@@ -280,6 +125,10 @@ class CallFlow:
     @property
     def keys(self) -> tuple[KeyPress, ...]:
         return tuple(self._p.keys)
+
+    @property
+    def outcome(self) -> Outcome:
+        return self._p.outcome
 
     def handle(self, event: Event) -> list[Command]:
         handler = TRANSITIONS.get((self.phase, type(event)))
@@ -364,25 +213,26 @@ class CallFlow:
         rec = self.flow.recording_purpose
         allow_recording = (
             rec is not None
-            and self._p.outcome in ("completed", "timeout")
+            and self._p.outcome in (Outcome.COMPLETED, Outcome.TIMEOUT)
             and self._p.decisions[rec.name].allows_processing
         )
         self._p.recording_path = (
             f"{self.recordings_dir}/{self.call.call_id}.wav" if allow_recording else None
         )
         self.phase = Phase.LOGGING
-        return [*self._stop_playback(), *self._cancel_wait(), CancelTimer(MENU_DEADLINE),
+        return [*self._stop_playback(), *self._cancel_wait(), DisarmDeadline(),
                 LogDecision(self._record(decided_at=self._last_at))]
 
     def _fallback_decision(self, purpose: Purpose) -> Decision:
-        if self._p.outcome == "abandoned":
-            return Decision.ABANDONED
-        if self._p.outcome == "timeout":
-            # Past the menu deadline nothing unanswered counts as a go-ahead, even
-            # where only an objection would count: the caller may not have heard it.
-            return Decision.NO_ANSWER
-        if self._p.outcome != "completed":
-            return Decision.ERROR
+        match self._p.outcome:
+            case Outcome.ABANDONED:
+                return Decision.ABANDONED
+            case Outcome.TIMEOUT:
+                # Past the menu deadline nothing unanswered counts as a go-ahead, even
+                # where only an objection would count: the caller may not have heard it.
+                return Decision.NO_ANSWER
+            case Outcome.ERROR:
+                return Decision.ERROR
         return purpose.silent_decision
 
     def _record(self, decided_at: float) -> DecisionRecord:
@@ -408,7 +258,8 @@ class CallFlow:
             decisions=dict(self._p.decisions),
             retention_until=until,
             recording_path=self._p.recording_path,
-            outcome=self._p.outcome,
+            outcome=(f"error: {self._p.error}" if self._p.outcome is Outcome.ERROR
+                     else self._p.outcome.value),
             recording_until=until[rec.name] if rec and self._p.recording_path else None,
             callback_until=until[callback.name] if callback and callback_yes else None,
         )
@@ -420,22 +271,11 @@ class CallFlow:
             logged and rec is not None and self._p.recording_path
             and decisions[rec.name].allows_processing
         )
-        pairs = [
-            ("CONSENTIVR_CALL_ID", self.call.call_id),
-            ("CONSENTIVR_LANGUAGE", self._p.language),
-            # So that stock sounds later in the dialplan speak the caller's language.
-            ("CHANNEL(language)", self._p.language),
-            ("CONSENTIVR_LOGGED", "yes" if logged else "no"),
-            ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
-        ]
-        if recording:
-            # Arms the withdrawal key (features.conf) for when the call is bridged.
-            pairs.append(("DYNAMIC_FEATURES", WITHDRAW_FEATURE))
-        for name, decision in decisions.items():
-            # Only a committed row may tell the dialplan that processing is allowed.
-            value = decision.value if logged else Decision.ERROR.value
-            pairs.append((f"CONSENTIVR_DECISION_{name.upper()}", value))
-        return SetVariables(tuple(pairs))
+        # Only a committed row may tell the dialplan that processing is allowed.
+        values = {name: d.value if logged else Decision.ERROR.value
+                  for name, d in decisions.items()}
+        return call_variables(self.call.call_id, self._p.language, logged=logged,
+                              recording=recording, decisions=values)
 
     def _finish(self, logged: bool) -> list[Command]:
         self.phase = Phase.DONE
@@ -450,7 +290,7 @@ class CallFlow:
     def on_start(self, event: Event) -> list[Command]:
         assert isinstance(event, CallStarted)
         self._p.started_at = self._last_at = event.at
-        cmds: list[Command] = [Answer(), StartTimer(MENU_DEADLINE, self.flow.max_menu_seconds)]
+        cmds: list[Command] = [Answer(), ArmDeadline(self.flow.max_menu_seconds)]
         if self.flow.language_menu is not None and len(self.flow.languages) > 1:
             return cmds + self._ask_language(again=False)
         return cmds + self._play_notice()
@@ -541,27 +381,20 @@ class CallFlow:
         )
 
     def on_menu_deadline(self, event: Event) -> list[Command]:
-        assert isinstance(event, TimerFired)
-        if event.timer_id != MENU_DEADLINE:
-            return self._dispatch_timer(event)
+        assert isinstance(event, DeadlinePassed)
         self._last_at = event.at
         # The whole menu took too long: every purpose still open stays without a yes.
-        self._p.outcome = "timeout"
+        self._p.outcome = Outcome.TIMEOUT
         return self._decide()
-
-    def _dispatch_timer(self, event: TimerFired) -> list[Command]:
-        if self.phase is Phase.LANGUAGE_WAIT:
-            return self.on_language_timeout(event)
-        return self.on_question_timeout(event)
 
     def on_hangup_in_menu(self, event: Event) -> list[Command]:
         assert isinstance(event, HungUp)
         self._last_at = event.at
         self._p.hung_up = True
-        self._p.outcome = "abandoned"
+        self._p.outcome = Outcome.ABANDONED
         cmds = self._decide()
-        # Nothing to stop on a dead channel; keep only the log write.
-        return [c for c in cmds if isinstance(c, LogDecision | CancelTimer)]
+        # Nothing to stop on a dead channel; keep only the log write and our timers.
+        return [c for c in cmds if isinstance(c, LogDecision | CancelTimer | DisarmDeadline)]
 
     def on_hangup_late(self, event: Event) -> list[Command]:
         self._p.hung_up = True
@@ -570,7 +403,7 @@ class CallFlow:
     def on_failure_in_menu(self, event: Event) -> list[Command]:
         assert isinstance(event, Failed)
         self._last_at = event.at
-        self._p.outcome = f"error: {event.reason}"
+        self._p.outcome, self._p.error = Outcome.ERROR, event.reason
         # Any error of ours: nothing answered counts any more.
         self._p.decisions = {p.name: Decision.ERROR for p in self.flow.purposes}
         return self._decide()
@@ -604,39 +437,154 @@ class CallFlow:
         return []
 
 
-_MENU_PHASES = (
-    Phase.LANGUAGE_PROMPT,
-    Phase.LANGUAGE_WAIT,
-    Phase.NOTICE,
-    Phase.QUESTION_PROMPT,
-    Phase.QUESTION_WAIT,
-)
-
 # The transition table: (phase, event type) -> handler. Anything missing is ignored.
 TRANSITIONS: dict[tuple[Phase, type], Handler] = {
     (Phase.START, CallStarted): CallFlow.on_start,
     (Phase.START, HungUp): CallFlow.on_hangup_in_menu,
     (Phase.START, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.LANGUAGE_PROMPT, DigitPressed): CallFlow.on_language_digit,
     (Phase.LANGUAGE_PROMPT, PlaybackFinished): CallFlow.on_language_prompt_done,
+    (Phase.LANGUAGE_PROMPT, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.LANGUAGE_PROMPT, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.LANGUAGE_PROMPT, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.LANGUAGE_WAIT, DigitPressed): CallFlow.on_language_digit,
-    (Phase.LANGUAGE_WAIT, TimerFired): CallFlow.on_menu_deadline,
+    (Phase.LANGUAGE_WAIT, TimerFired): CallFlow.on_language_timeout,
+    (Phase.LANGUAGE_WAIT, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.LANGUAGE_WAIT, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.LANGUAGE_WAIT, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.NOTICE, DigitPressed): CallFlow.on_notice_digit,
     (Phase.NOTICE, PlaybackFinished): CallFlow.on_notice_done,
+    (Phase.NOTICE, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.NOTICE, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.NOTICE, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.QUESTION_PROMPT, DigitPressed): CallFlow.on_question_digit,
     (Phase.QUESTION_PROMPT, PlaybackFinished): CallFlow.on_question_prompt_done,
+    (Phase.QUESTION_PROMPT, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.QUESTION_PROMPT, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.QUESTION_PROMPT, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.QUESTION_WAIT, DigitPressed): CallFlow.on_question_digit,
-    (Phase.QUESTION_WAIT, TimerFired): CallFlow.on_menu_deadline,
+    (Phase.QUESTION_WAIT, TimerFired): CallFlow.on_question_timeout,
+    (Phase.QUESTION_WAIT, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.QUESTION_WAIT, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.QUESTION_WAIT, Failed): CallFlow.on_failure_in_menu,
+
     (Phase.LOGGING, DecisionLogged): CallFlow.on_logged,
     (Phase.LOGGING, HungUp): CallFlow.on_hangup_late,
+
     (Phase.RECORDING, RecordingStarted): CallFlow.on_recording_started,
     (Phase.RECORDING, HungUp): CallFlow.on_hangup_late,
+
     (Phase.DONE, HungUp): CallFlow.on_hangup_late,
     (Phase.DONE, Failed): CallFlow.on_failure_after_menu,
 }
-for _phase in _MENU_PHASES:
-    TRANSITIONS[(_phase, HungUp)] = CallFlow.on_hangup_in_menu
-    TRANSITIONS[(_phase, Failed)] = CallFlow.on_failure_in_menu
-# The menu deadline can fire while a prompt plays.
-for _phase in (Phase.LANGUAGE_PROMPT, Phase.NOTICE, Phase.QUESTION_PROMPT):
-    TRANSITIONS[(_phase, TimerFired)] = CallFlow.on_menu_deadline
+
+
+# --- decisions outside one call's menu ------------------------------------------------
+
+
+def call_variables(call_id: str, language: str, *, logged: bool, recording: bool,
+                   decisions: Mapping[str, str]) -> SetVariables:
+    """The channel variables the dialplan sees after our app, in every mode and case."""
+    pairs = [
+        ("CONSENTIVR_CALL_ID", call_id),
+        ("CONSENTIVR_LANGUAGE", language),
+        # So that stock sounds later in the dialplan speak the caller's language.
+        ("CHANNEL(language)", language),
+        ("CONSENTIVR_LOGGED", "yes" if logged else "no"),
+        ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
+    ]
+    if recording:
+        # Arms the withdrawal key (features.conf) for when the call is bridged.
+        pairs.append(("DYNAMIC_FEATURES", WITHDRAW_FEATURE))
+    for name, value in decisions.items():
+        pairs.append((f"CONSENTIVR_DECISION_{name.upper()}", value))
+    return SetVariables(tuple(pairs))
+
+
+def unknown_flow() -> list[Command]:
+    """A call for a flow we do not have: nothing is asked, logged or recorded.
+
+    ``CONSENTIVR_LOGGED`` stays unset, so the rendered dialplan runs its fallback
+    (the "not recorded" prompt, every decision ``error``) in both modes.
+    """
+    return [SetVariables((("CONSENTIVR_RECORDING", "no"),)), Continue(None)]
+
+
+def unlogged_variables(flow: Flow | None) -> SetVariables:
+    """Variables for a taken-back call that has no committed row: nothing is allowed."""
+    pairs = [("CONSENTIVR_LOGGED", "no"), ("CONSENTIVR_RECORDING", "no")]
+    for purpose in flow.purposes if flow else ():
+        pairs.append((f"CONSENTIVR_DECISION_{purpose.name.upper()}", Decision.ERROR.value))
+    return SetVariables(tuple(pairs))
+
+
+class RecoveryRecording(StrEnum):
+    """What to do about the recording of a call taken back after a restart."""
+
+    RUNNING = "running"  # confirmed before we died: MixMonitor outlived us in Asterisk
+    START = "start"  # a committed yes that was never confirmed: start it now
+    NONE = "none"  # no yes, a row we do not trust, or the call is being hung up
+
+
+def recovery_recording(logged: LoggedCall, recordings_dir: str,
+                       hanging_up: bool) -> RecoveryRecording:
+    """May recovery (re)start the recording of a call whose decision is committed?
+
+    Only for the exact file the row names in our recordings dir, named by our own
+    call id; never when the call is about to be hung up.
+    """
+    expected = f"{recordings_dir.rstrip('/')}/{logged.call_id}.wav"
+    allowed = (logged.recording_path == expected
+               and _RECORDING_NAME.fullmatch(f"{logged.call_id}.wav") is not None)
+    if allowed and logged.recording_confirmed:
+        return RecoveryRecording.RUNNING
+    if allowed and logged.recording_confirmed is None and not hanging_up:
+        return RecoveryRecording.START
+    return RecoveryRecording.NONE
+
+
+def resumed_variables(logged: LoggedCall, recording: bool) -> SetVariables:
+    """Variables for a taken-back call whose decision was committed before we died.
+
+    The same set as a call that never left us, withdrawal key included when recorded.
+    """
+    valid = {d.value for d in Decision}
+    decisions = {name: value for name, value in logged.decisions.items()
+                 if _PURPOSE_NAME.fullmatch(name) and value in valid}
+    return call_variables(logged.call_id, logged.language, logged=True,
+                          recording=recording, decisions=decisions)
+
+
+def acted_on_unlogged(record: DecisionRecord, why: str) -> DecisionRecord:
+    """The row for a call that went on before its decision was committed.
+
+    The call was told nothing is allowed (every purpose ``error``, no recording), so
+    that is what the row says; the keys pressed stay, as evidence.
+    """
+    why = why.replace("\n", " ").replace("\r", " ")[:120]
+    return dataclasses.replace(
+        record,
+        decisions={name: Decision.ERROR for name in record.decisions},
+        recording_path=None, recording_until=None, callback_until=None,
+        outcome=f"error: not logged before the call went on ({why})",
+    )
+
+
+def late_commit(record: DecisionRecord, *, committed: bool, error: str | None,
+                at: float) -> LateWrite | None:
+    """A decision write the call stopped waiting for has finished after all.
+
+    The call went on told "not logged" (every purpose ``error``, unrecorded), so the
+    log must say the same: a row that committed late and allows anything (recording
+    or callback) is voided; a row that failed is written as what was acted on.
+    """
+    if committed:
+        if not record.allows_processing:
+            return None
+        return LateWrite("void_late_consent", (record.call_id, LATE_COMMIT_REASON, at))
+    return LateWrite("append", acted_on_unlogged(record, error or "unknown error"))

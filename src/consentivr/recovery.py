@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sqlite3
 import time
 import uuid
@@ -37,33 +36,27 @@ from typing import Any, Protocol, TypeVar
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.flow import (
     CallFlow,
+    RecoveryRecording,
+    recovery_recording,
+    resumed_variables,
+    unlogged_variables,
+)
+from consentivr.messages import (
     CallInfo,
     CallStarted,
     DecisionLogged,
     Failed,
     LogDecision,
+    LoggedCall,
     SetVariables,
 )
-from consentivr.model import Decision, Destination, Flow
+from consentivr.model import Destination, Flow
 
 log = logging.getLogger(__name__)
 
 BUDGET = 2.0  # seconds to finish one taken-back call
 RECOVERED = "taken back after a restart before the menu ended"
-_RECORDING_NAME = re.compile(r"[0-9a-f]{32}\.wav")
 _C = TypeVar("_C")
-
-
-@dataclass(frozen=True)
-class LoggedCall:
-    """What the consent log durably holds for one channel."""
-
-    call_id: str
-    flow: str
-    language: str
-    decisions: Mapping[str, str]
-    recording_path: str | None  # set only when the decision allowed recording
-    recording_confirmed: bool | None  # None: never marked (we died before)
 
 
 Lookup = Callable[[str], Awaitable["LoggedCall | None"]]
@@ -198,7 +191,7 @@ class ChannelRecovery:
             return outcome
         dialplan = channel.get("dialplan") if isinstance(channel.get("dialplan"), dict) else {}
         flow = self.flows(flow_name_from_app_data(sanitize((dialplan or {}).get("app_data", ""))))
-        variables: tuple[tuple[str, str], ...] = _unlogged(flow)
+        variables: tuple[tuple[str, str], ...] = unlogged_variables(flow).variables
         destination = flow.destination if flow else None
         await self._stop_prompts(channel_id, flow)
         try:
@@ -209,7 +202,7 @@ class ChannelRecovery:
         except TimeoutError:
             log.warning("channel %r: recovery ran out of time; goes on unrecorded", channel_id)
             outcome.logged = outcome.recording = False
-            variables = _unlogged(flow)
+            variables = unlogged_variables(flow).variables
         if self.mode == "hangup":
             await self.ari.hangup(channel_id)
             outcome.action = "hung_up"
@@ -245,7 +238,7 @@ class ChannelRecovery:
             return await self._resume(channel_id, sanitize(channel.get("name", "")), logged,
                                       outcome)
         if flow is None:
-            return _unlogged(None)
+            return unlogged_variables(None).variables
         info = CallInfo(
             call_id=_new_call_id(), channel_id=channel_id, linkedid=channel_id,
             channel_name=sanitize(channel.get("name", "")), caller=caller,
@@ -261,28 +254,13 @@ class ChannelRecovery:
 
     async def _resume(self, channel_id: str, channel_name: str, logged: LoggedCall,
                       outcome: Outcome) -> tuple[tuple[str, str], ...]:
-        recording = False
-        expected = f"{self.recordings_dir}/{logged.call_id}.wav"
-        allowed = (
-            logged.recording_path is not None
-            and logged.recording_path == expected
-            and _RECORDING_NAME.fullmatch(Path(expected).name) is not None
-        )
-        if allowed and logged.recording_confirmed:
-            recording = True  # MixMonitor lives in Asterisk: it outlived us
-        elif allowed and logged.recording_confirmed is None and self.mode != "hangup":
-            recording = await self._start_recording(channel_id, channel_name, logged, expected)
+        plan = recovery_recording(logged, self.recordings_dir, hanging_up=self.mode == "hangup")
+        recording = plan is RecoveryRecording.RUNNING
+        if plan is RecoveryRecording.START:
+            path = f"{self.recordings_dir}/{logged.call_id}.wav"
+            recording = await self._start_recording(channel_id, channel_name, logged, path)
         outcome.recording = recording
-        pairs = [
-            ("CONSENTIVR_CALL_ID", logged.call_id),
-            ("CONSENTIVR_LANGUAGE", logged.language),
-            ("CONSENTIVR_LOGGED", "yes"),
-            ("CONSENTIVR_RECORDING", "yes" if recording else "no"),
-        ]
-        for name, value in logged.decisions.items():
-            if re.fullmatch(r"[A-Za-z0-9_]+", name) and value in {d.value for d in Decision}:
-                pairs.append((f"CONSENTIVR_DECISION_{name.upper()}", value))
-        return tuple(pairs)
+        return resumed_variables(logged, recording).variables
 
     async def _start_recording(self, channel_id: str, channel_name: str,
                                logged: LoggedCall, path: str) -> bool:
@@ -305,13 +283,6 @@ class ChannelRecovery:
                             logged.call_id, error)
         await self.write("mark_recording", (logged.call_id, ok, error, self.clock()))
         return ok
-
-
-def _unlogged(flow: Flow | None) -> tuple[tuple[str, str], ...]:
-    pairs = [("CONSENTIVR_LOGGED", "no"), ("CONSENTIVR_RECORDING", "no")]
-    for purpose in flow.purposes if flow else ():
-        pairs.append((f"CONSENTIVR_DECISION_{purpose.name.upper()}", Decision.ERROR.value))
-    return tuple(pairs)
 
 
 def _only(commands: list[Any], kind: type[_C]) -> _C:

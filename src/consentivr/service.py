@@ -1,11 +1,17 @@
-"""Wiring: builds the ARI client, the AMI pool, the consent log and the app from
-``Settings``, and runs them until SIGTERM. The one place where parts meet.
+"""Wiring, the one place where parts meet, for both modes.
+
+:class:`Service` builds from ``Settings`` the consent log (committer and
+:class:`~consentivr.consentwriter.ConsentWriter`), the AMI recording listener
+(withdrawal by key, hold muting, real recording times), the log redaction and, per
+mode, the front end: the ARI client and :class:`~consentivr.stasis.StasisApp` with
+recovery (``serve``), or the :class:`~consentivr.agi.AgiServer` (``agi``). Both
+modes run every call through the same :class:`~consentivr.driver.CallDriver`.
 
 It keeps running through faults: ARI and AMI reconnect by themselves, every
-events (re)connect takes back calls left in Stasis (``ConsentApp.reconcile``),
-and a consent log that cannot be opened or written leaves calls unrecorded
-instead of stopping the service. Passwords and the caller key are redacted from
-every log line (:mod:`consentivr.redaction`).
+events (re)connect takes back calls left in Stasis, and a consent log that cannot
+be opened or written leaves calls unrecorded instead of stopping the service.
+Passwords and the caller key are redacted from every log line
+(:mod:`consentivr.redaction`).
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from consentivr import redaction
+from consentivr.agi.protocol import DEFAULT_HOST, DEFAULT_PORT
+from consentivr.agi.server import AgiServer
 from consentivr.ami import AmiPool, Recorder
-from consentivr.app import EVENT_TYPES, ConsentApp
 from consentivr.ari import AriClient
 from consentivr.config import Settings
+from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.recovery import lookup_in
+from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
     CallerKey,
     ConsentLog,
@@ -88,11 +97,10 @@ class LazyLog:
 
 def secrets_of(settings: Settings, key: CallerKey | None = None) -> list[str | bytes | None]:
     """Everything that must never appear in a log line."""
+    found: list[str | bytes | None] = [settings.caller_key]
     ari = settings.ari
-    found: list[str | bytes | None] = [
-        ari.password, redaction.basic_auth_token(ari.username, ari.password),
-        settings.caller_key,
-    ]
+    if ari is not None:
+        found += [ari.password, redaction.basic_auth_token(ari.username, ari.password)]
     if settings.ami is not None:
         found.append(settings.ami.password)
     if key is not None:
@@ -100,21 +108,31 @@ def secrets_of(settings: Settings, key: CallerKey | None = None) -> list[str | b
     return found
 
 
-class Service:
-    """The running ARI app with everything it needs."""
+MODES = ("ari", "agi")
 
-    def __init__(self, settings: Settings) -> None:
+
+class Service:
+    """consentivr running in one mode, with everything it needs."""
+
+    def __init__(self, settings: Settings, mode: str = "ari",
+                 listen: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT)) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
         self.settings = settings
+        self.mode = mode
+        self.listen = listen
         redaction.install(secrets_of(settings))
-        self.ari = AriClient(settings.ari)
+        self.ari: AriClient | None = None
         self.pool: AmiPool | None = None
         self.recording_listener: RecordingListener | None = None
         self.committer: GroupCommitter | None = None
-        self.app: ConsentApp | None = None
+        self.writer: ConsentWriter | None = None
+        self.app: StasisApp | None = None
+        self.agi: AgiServer | None = None
         self._pump: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
-    async def start(self, wait_connected: float | None = None) -> ConsentApp:
+    async def start(self, wait_connected: float | None = None) -> None:
         settings = self.settings
         prepare_paths(settings)
         key = load_or_create_key(settings.database, settings.caller_key)
@@ -125,25 +143,35 @@ class Service:
         except StoreError as exc:
             log.error("%s; calls go on unrecorded until it works", exc)
         self.committer = GroupCommitter(lambda: lazy)
+        self.writer = writer = ConsentWriter(self.committer)
+        writer.start()
+        if settings.ami is not None:
+            # Withdrawal by key and hold muting happen outside our app, in both modes.
+            self.recording_listener = RecordingListener(settings)
+            await self.recording_listener.start(wait=wait_connected)
+        if self.mode == "agi":
+            self.agi = AgiServer(settings, writer)
+            await self.agi.start(*self.listen)
+            self.connected.set()
+            return
+        if settings.ari is None:
+            raise AriError("ARI mode needs an ari: section in the config")
         recorder: Recorder | _NoRecorder = _NoRecorder()
         if settings.ami is not None:
             self.pool = AmiPool(settings.ami)
             await self.pool.connect(wait=wait_connected)
             recorder = Recorder(self.pool)
-            # Withdrawal by key and hold muting happen outside our Stasis app.
-            self.recording_listener = RecordingListener(settings)
-            await self.recording_listener.start(wait=wait_connected)
-        self.app = ConsentApp(settings, self.ari, recorder, self.committer,
-                              lookup=lookup_in(settings.database))
-        self.app.start_background()
+        self.ari = AriClient(settings.ari)
+        self.app = StasisApp(settings, self.ari, recorder, writer,
+                             lookup=lookup_in(settings.database))
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(self.app))
         if wait_connected:
             await asyncio.wait_for(self.connected.wait(), wait_connected)
         log.info("consentivr serving Stasis app %r with flows: %s", settings.ari.app,
                  ", ".join(settings.flows))
-        return self.app
 
     async def _on_connect(self) -> None:
+        assert self.ari is not None and self.settings.ari is not None
         # Only the events the app reads: the rest (about half) cost both sides JSON.
         try:
             await self.ari.set_event_filter(self.settings.ari.app, EVENT_TYPES)
@@ -153,7 +181,8 @@ class Service:
         if self.app is not None:
             self.app.events_connected()
 
-    async def _pump_events(self, app: ConsentApp) -> None:
+    async def _pump_events(self, app: StasisApp) -> None:
+        assert self.ari is not None and self.settings.ari is not None
         async for event in self.ari.events(self.settings.ari.app, on_connect=self._on_connect):
             try:
                 app.handle_event(event)
@@ -167,8 +196,12 @@ class Service:
                 await self._pump
         if self.app is not None:
             await self.app.drain(timeout=drain)
-            await self.app.close(timeout=drain)
-        await self.ari.close()
+        if self.agi is not None:
+            await self.agi.stop(drain=drain)
+        if self.writer is not None:
+            await self.writer.close(timeout=drain)
+        if self.ari is not None:
+            await self.ari.close()
         if self.recording_listener is not None:
             await self.recording_listener.stop()
         if self.pool is not None:
@@ -177,16 +210,17 @@ class Service:
             self.committer.close()
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the Stasis app until ``stop`` is set (or SIGTERM/SIGINT)."""
+async def serve(settings: Settings, stop: asyncio.Event | None = None, *, mode: str = "ari",
+                listen: tuple[str, int] = (DEFAULT_HOST, DEFAULT_PORT)) -> None:
+    """Run consentivr in ``mode`` until ``stop`` is set (or SIGTERM/SIGINT)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    service = Service(settings)
-    await service.start()
+    service = Service(settings, mode, listen)
     try:
+        await service.start()
         await stop.wait()
     finally:
         log.info("stopping: waiting for calls in the menu")

@@ -35,7 +35,7 @@ from typing import Any
 import sqlite_utils
 
 from consentivr.errors import StoreError
-from consentivr.flow import DecisionRecord
+from consentivr.messages import DecisionRecord
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1

@@ -6,10 +6,10 @@ channels whose caller half sits in a helper Stasis app (``consentivr-caller``), 
 that digits are sent as real DTMF frames through Asterisk
 (``POST /channels/{id}/dtmf``); digits sent on the ``;1`` half arrive on ``;2``.
 
-Two modes run the same flows: ``"ari"`` runs :class:`~consentivr.service.Service`
-(the ``;2`` half enters ``Stasis()``), ``"agi"`` runs the FastAGI server
-(:class:`~consentivr.agi.AgiServer`) in-process on a free port, and the ``;2`` half
-enters ``AGI(agi://127.0.0.1:<port>/<flow>)``. The test dialplan picks the mode
+Two modes run the same flows through the same :class:`~consentivr.service.Service`
+wiring: ``"ari"`` (the ``;2`` half enters ``Stasis()``) and ``"agi"`` (the FastAGI
+server listens in-process on a free port, and the ``;2`` half enters
+``AGI(agi://127.0.0.1:<port>/<flow>)``). The test dialplan picks the mode
 from the global variable ``CONSENTIVR_TEST_AGI_URL``, which :meth:`Testbed.start` sets
 (empty in ARI mode), so one dialplan serves both.
 
@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consentivr.agi import AgiServer
 from consentivr.ari import AriClient
 from consentivr.config import AriSettings, Settings, load_settings
 from consentivr.flow import Phase
 from consentivr.pbx import Pbx, PbxEndpoints
-from consentivr.service import Service, prepare_paths
-from consentivr.store import ConsentLog, GroupCommitter, load_or_create_key
+from consentivr.service import Service
 
 CALLER_APP = "consentivr-caller"
 MODES = ("ari", "agi")
@@ -166,8 +164,6 @@ class Testbed:
                                         flows_yaml, app=app, extra=extra_config)
         self.settings: Settings = load_settings(self.config_path)
         self.service: Service | None = None
-        self.agi: AgiServer | None = None
-        self._agi_committer: GroupCommitter | None = None
         self.caller = AriClient(AriSettings(
             url=self.endpoints.ari_url, username=self.endpoints.ari_user,
             password=self.endpoints.ari_password, app=CALLER_APP, connections=20,
@@ -189,21 +185,16 @@ class Testbed:
         await asyncio.wait_for(self._caller_ready.wait(), 15)
 
     async def start_service(self) -> None:
-        if self.mode == "agi":
-            await self._start_agi()
-            return
-        self.service = Service(self.settings)
+        self.service = Service(self.settings, self.mode, listen=("127.0.0.1", 0))
         await self.service.start(wait_connected=15)
+        if self.service.agi is not None:
+            host, port = self.service.agi.address
+            await self.set_agi_url(f"agi://{host}:{port}")
 
-    async def _start_agi(self) -> None:
-        settings = self.settings
-        prepare_paths(settings)
-        key = load_or_create_key(settings.database, settings.caller_key)
-        path = settings.database
-        self._agi_committer = GroupCommitter(lambda: ConsentLog(path, key))
-        self.agi = AgiServer(settings, self._agi_committer)
-        host, port = await self.agi.start("127.0.0.1", 0)
-        await self.set_agi_url(f"agi://{host}:{port}")
+    @property
+    def agi(self) -> Any:
+        """The FastAGI server, in AGI mode while the service runs."""
+        return self.service.agi if self.service else None
 
     async def set_agi_url(self, url: str) -> None:
         """Point the test dialplan's ``AGI()`` at ``url`` (empty: use ``Stasis()``)."""
@@ -214,12 +205,6 @@ class Testbed:
         if self.service is not None:
             await self.service.stop()
             self.service = None
-        if self.agi is not None:
-            await self.agi.stop(drain=5)
-            self.agi = None
-        if self._agi_committer is not None:
-            self._agi_committer.close()
-            self._agi_committer = None
 
     async def _on_caller_connect(self) -> None:
         self._caller_ready.set()
@@ -265,10 +250,8 @@ class Testbed:
         Both modes key sessions by the ``;2`` channel's id: the Stasis channel id in
         ARI mode, ``agi_uniqueid`` in AGI mode.
         """
-        if self.agi is not None:
-            return self.agi.sessions.get(call.stasis_id)
-        app = self.service.app if self.service else None
-        return app.sessions.get(call.stasis_id) if app else None
+        front = self.service and (self.service.app or self.service.agi)
+        return front.sessions.get(call.stasis_id) if front else None
 
     async def wait_phase(self, call: LocalCall, phase: Phase, purpose_index: int = 0,
                          timeout: float = 15) -> None:
