@@ -24,10 +24,9 @@ from typing import Any, Protocol
 
 from consentivr.errors import ConsentivrError
 from consentivr.flow import late_commit
-from consentivr.messages import DecisionLogged, DecisionRecord, LateWrite
+from consentivr.messages import Clock, DecisionLogged, DecisionRecord, LateWrite
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 
 # How long a call waits for its decision to be committed before it goes on
 # unrecorded (a locked database waits up to its busy timeout, 5 s, per batch).

@@ -28,7 +28,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 from consentivr.consentwriter import ConsentWriter
@@ -40,6 +39,7 @@ from consentivr.messages import (
     CallInfo,
     CallStarted,
     CancelTimer,
+    Clock,
     Command,
     Continue,
     DisarmDeadline,
@@ -59,7 +59,6 @@ from consentivr.messages import (
 from consentivr.model import Destination, Flow
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 
 SAFETY_MARGIN = 30.0  # beyond the flow's own menu deadline, no call waits longer
 MAX_TEXT = 256  # longest channel name / caller number we keep

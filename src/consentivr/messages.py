@@ -7,11 +7,13 @@ flow wants done (run by :mod:`consentivr.driver` through a transport). Like h11'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from consentivr.model import Decision, Destination
+
+Clock = Callable[[], float]  # epoch seconds, like time.time
 
 
 class Outcome(StrEnum):

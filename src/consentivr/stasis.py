@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from consentivr.config import Settings
@@ -27,6 +27,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import CallDriver, CallObserver, call_info, clean, clean_id
 from consentivr.errors import ConsentivrError
 from consentivr.messages import (
+    Clock,
     DeadlinePassed,
     DigitPressed,
     Event,
@@ -35,10 +36,9 @@ from consentivr.messages import (
     TimerFired,
 )
 from consentivr.model import Destination
-from consentivr.recovery import ChannelRecovery, Lookup, playback_id
+from consentivr.recovery import ChannelRecovery, Lookup, RecoveryAri, playback_id
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 
 # The only ARI event types handle_event reads: the service asks Asterisk for these
 # alone (an event filter), which halves the events per call.
@@ -51,20 +51,13 @@ class RecorderLike(Protocol):
     async def start(self, channel: str, path: str, options: str) -> None: ...
 
 
-class AriLike(Protocol):
+class AriLike(RecoveryAri, Protocol):
+    """What the Stasis app needs of the ARI client: what recovery needs, and more."""
+
     async def answer(self, channel_id: str) -> None: ...
     async def play(self, channel_id: str, playback_id: str, media: tuple[str, ...],
                    language: str | None = None) -> None: ...
-    async def stop_playback(self, playback_id: str) -> None: ...
-    async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
-    async def set_variables(self, channel_id: str,
-                            pairs: Sequence[tuple[str, str]]) -> None: ...
-    async def continue_in_dialplan(self, channel_id: str, context: str = "",
-                                   extension: str = "", priority: int = 0) -> None: ...
-    async def hangup(self, channel_id: str) -> None: ...
-    async def channel(self, channel_id: str) -> dict[str, Any] | None: ...
     async def application(self, app: str) -> dict[str, Any] | None: ...
-    async def get_variable(self, channel_id: str, name: str) -> str | None: ...
 
 
 class AriTransport:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from consentivr.agi.protocol import (
     DEFAULT_HOST,
@@ -27,9 +27,9 @@ from consentivr.agi.transport import AgiTransport
 from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import CallDriver, CallObserver, call_info, clean_id
+from consentivr.messages import Clock
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 
 
 class AgiServer:

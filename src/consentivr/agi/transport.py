@@ -31,12 +31,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
 
 from consentivr.agi.protocol import _DEAD, ESCAPE_DIGITS, AgiConnection, AgiError, Reply
 from consentivr.ari import assignments
 from consentivr.driver import SAFETY_MARGIN
 from consentivr.messages import (
+    Clock,
     DeadlinePassed,
     DigitPressed,
     Event,
@@ -48,7 +48,6 @@ from consentivr.messages import (
 from consentivr.model import DTMF_KEYS, Destination
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 
 # MixMonitor splits its argument on ',' and Asterisk on quotes: keep paths plain.
 _SAFE_PATH = re.compile(r"[A-Za-z0-9_./+=@~-]+")
