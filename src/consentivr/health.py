@@ -6,10 +6,14 @@ HTTP listener (:mod:`consentivr.exporter`) and the systemd notifier
 ARI only in ``serve``, AMI only when the config has an ``ami:`` section, the consent
 log always. Every component starts down ("not connected yet"): a service is healthy
 only once it has said so.
+
+Thread-safe: the consent log's writer thread may report ``log`` itself. Listeners
+run in the reporting thread, after the state changed (outside the lock).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +40,7 @@ class Health:
         self._down: dict[str, str] = dict.fromkeys(self.needed, "not connected yet")
         self._problems: dict[str, str] = {}
         self._listeners: list[Callable[[Health], None]] = []
+        self._lock = threading.Lock()
 
     # -- what the service reports --------------------------------------------
 
@@ -45,22 +50,26 @@ class Health:
             raise ValueError(f"unknown component {name!r}: expected {COMPONENTS}")
         if name not in self.needed:
             return
-        before = self._down.get(name)
-        if up:
-            self._down.pop(name, None)
-        else:
-            self._down[name] = reason or "down"
-        if self._down.get(name) != before:
+        with self._lock:
+            before = self._down.get(name)
+            if up:
+                self._down.pop(name, None)
+            else:
+                self._down[name] = reason or "down"
+            changed = self._down.get(name) != before
+        if changed:
             self._changed()
 
     def set_problem(self, name: str, reason: str | None) -> None:
         """Name a problem (e.g. "withdrawal", "path not verified"); None clears it."""
-        before = self._problems.get(name)
-        if reason is None:
-            self._problems.pop(name, None)
-        else:
-            self._problems[name] = reason
-        if self._problems.get(name) != before:
+        with self._lock:
+            before = self._problems.get(name)
+            if reason is None:
+                self._problems.pop(name, None)
+            else:
+                self._problems[name] = reason
+            changed = self._problems.get(name) != before
+        if changed:
             self._changed()
 
     def on_change(self, listener: Callable[[Health], None]) -> None:
@@ -81,9 +90,10 @@ class Health:
         return name in self.needed and name not in self._down
 
     def reasons(self) -> list[str]:
-        """One line per thing wrong: ``ami: down (connection refused)``."""
-        return ([f"{name}: {why}" for name, why in self._down.items()]
-                + [f"{name}: {why}" for name, why in self._problems.items()])
+        """One line per thing wrong: ``ami: connection refused``."""
+        with self._lock:
+            return ([f"{name}: {why}" for name, why in self._down.items()]
+                    + [f"{name}: {why}" for name, why in self._problems.items()])
 
     def summary(self) -> str:
         """One short line for systemd's STATUS=."""
@@ -93,7 +103,7 @@ class Health:
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "status": "ok" if self.ok else "unhealthy",
-            "components": {c: "down" if c in self._down else "up" for c in self.needed},
+            "components": {c: "up" if self.is_up(c) else "down" for c in self.needed},
         }
         if not self.ok:
             body["reasons"] = self.reasons()
