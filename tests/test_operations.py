@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -10,10 +11,14 @@ from pathlib import Path
 import aiohttp
 
 from consentivr.config import MetricsSettings, load_settings
+from consentivr.flow import DecisionRecord
 from consentivr.metrics import Metrics
 from consentivr.notify import Notifier
 from consentivr.operations import Operations
-from tests.rights_fixtures import CONFIG
+from consentivr.store import CallerKey, ConsentLog
+from consentivr.withdrawal import RecordingLog
+from tests.ops_fixtures import metrics_vs_log, scrape
+from tests.rights_fixtures import CONFIG, Env, record
 
 
 def test_lifecycle_ready_status_watchdog_health_stopping(tmp_path: Path) -> None:
@@ -69,3 +74,49 @@ def test_without_metrics_section_there_is_no_listener_and_counting_still_works(
             assert ops.metrics.health.needed == ("ari", "log")
 
     asyncio.run(main())
+
+
+# --- the e2e helper: metrics against the consent log -----------------------------------
+
+
+def _drive(m: Metrics, rec: DecisionRecord) -> None:
+    """What the driver does for one logged row (see the report's wiring list)."""
+    m.call_ended(rec.flow, rec.outcome)
+    m.decisions(rec.flow, rec.decisions)
+
+
+def test_the_metrics_equal_the_log_when_driven_like_the_driver(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    rows = [record(1, recording=str(env.rec / "c1.wav")), record(2), record(3, callback=True),
+            dataclasses.replace(record(4), flow="gone", outcome="error: ARI down")]
+    env.add(*rows)
+    log = ConsentLog(env.db, CallerKey(b"k"))
+    try:
+        log.mark_recording("c1", True, None, 1.0)
+        log.void_late_consent("c3", "late", 3.0)
+    finally:
+        log.close()
+    marks = RecordingLog(env.db)
+    try:
+        assert marks.withdraw("c1", 2.0, "agent", True)  # first: counted
+    finally:
+        marks.close()
+    flows = load_settings(env.config).flows
+    m = Metrics(flows)
+    for rec in rows:
+        _drive(m, rec)
+    m.recording("started")
+    m.withdrawal("agent")
+    m.withdrawal("system")
+
+    async def main() -> list[str]:
+        async with Operations(m, MetricsSettings("127.0.0.1", 0), Notifier({})) as ops:
+            assert ops.port is not None
+            return metrics_vs_log(await scrape(ops.port), env.db, flows)
+
+    assert asyncio.run(main()) == []
+    # The check can fail: one call too many in the metrics is named.
+    m.call_ended("main", "completed")
+    text = m.exposition().decode()
+    assert metrics_vs_log(text, env.db, flows) == [
+        "consentivr_calls_total{'flow': 'main', 'outcome': 'completed'}: metrics 4, log 3"]

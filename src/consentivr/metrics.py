@@ -42,7 +42,8 @@ UNKNOWN = "(unknown)"  # not a valid flow or purpose name: cannot clash with one
 # What calls_total{outcome} may say. Free text ("error: <reason>") maps to its class.
 OUTCOMES = ("completed", "abandoned", "timeout", "error", "other")
 RECORDING_RESULTS = ("started", "failed")
-WITHDRAWN_BY = ("caller", "agent")
+# system: a decision committed only after the call went on unrecorded is voided.
+WITHDRAWN_BY = ("caller", "agent", "system")
 DECISIONS = tuple(d.value for d in Decision)
 # Commits of the consent log: group commits of SQLite take ~1 ms; seconds are trouble.
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -77,7 +78,7 @@ class Metrics:
         self._recordings = Counter("consentivr_recordings", "Recordings after a logged yes: "
                                    "started or failed to start.", ("result",), registry=r)
         self._withdrawals = Counter("consentivr_withdrawals", "Consent withdrawn during a "
-                                    "call, by who pressed the key.", ("by",), registry=r)
+                                    "call: by caller or agent (a key), or system (voided).", ("by",), registry=r)
         self._in_menu = Gauge("consentivr_calls_in_menu", "Calls in the consent menu now.",
                               registry=r)
         self._commit = Histogram("consentivr_log_commit_seconds", "Time to commit a write to "
@@ -137,7 +138,7 @@ class Metrics:
         self._recordings.labels(result).inc()
 
     def withdrawal(self, by: str) -> None:
-        """Consent withdrawn during the call, by ``caller`` or ``agent``."""
+        """Consent withdrawn, by ``caller`` or ``agent`` (a key) or ``system`` (voided)."""
         self._withdrawals.labels(by if by in WITHDRAWN_BY else UNKNOWN).inc()
 
     def menu_entered(self) -> None:
