@@ -78,7 +78,8 @@ class Metrics:
         self._recordings = Counter("consentivr_recordings", "Recordings after a logged yes: "
                                    "started or failed to start.", ("result",), registry=r)
         self._withdrawals = Counter("consentivr_withdrawals", "Consent withdrawn during a "
-                                    "call: by caller or agent (a key), or system (voided).", ("by",), registry=r)
+                                    "call: by caller or agent (a key), or system (voided).",
+                                    ("by",), registry=r)
         self._in_menu = Gauge("consentivr_calls_in_menu", "Calls in the consent menu now.",
                               registry=r)
         self._commit = Histogram("consentivr_log_commit_seconds", "Time to commit a write to "
