@@ -85,6 +85,21 @@ class WithdrawalSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``metrics: {listen: host:port}``: where /metrics and /healthz answer."""
+
+    host: str = "127.0.0.1"
+    port: int = 9468
+
+
+@dataclass(frozen=True)
+class PurgeSettings:
+    """``purge:``: what the nightly purge leaves for monitoring."""
+
+    metrics_file: Path | None = None  # a node_exporter textfile (*.prom)
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     ari: AriSettings
@@ -100,6 +115,8 @@ class Settings:
     # A call found in Stasis after a restart of consentivr: continue | hangup.
     recovery: str = "continue"
     withdrawal: WithdrawalSettings = field(default_factory=WithdrawalSettings)
+    metrics: MetricsSettings | None = None  # None: no /metrics, /healthz listener
+    purge: PurgeSettings = field(default_factory=PurgeSettings)
 
     def flow_for(self, name: str | None) -> Flow | None:
         return self.flows.get(name or self.default_flow)
@@ -923,7 +940,7 @@ def load_flow_file(path: Path, prompts_dir: Path,
 _TOP_KEYS = (
     "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
     "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
-    "recovery", "withdrawal",
+    "recovery", "withdrawal", "metrics", "purge",
 )
 
 
@@ -968,6 +985,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 if "recovery" in fields else "continue")
     withdrawal = (_withdrawal(fields["withdrawal"]) if "withdrawal" in fields
                   else WithdrawalSettings())
+    metrics = _metrics(fields["metrics"]) if "metrics" in fields else None
+    purge = _purge(fields["purge"]) if "purge" in fields else PurgeSettings()
     lines = problems.sorted() + extra_problems
     if lines:
         raise ConfigError(lines)
@@ -980,6 +999,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         log_retention_days=log_days, caller_key=key.encode() if key else None,
         menus=dict(scope.menus), recovery=recovery or "continue",
         withdrawal=withdrawal or WithdrawalSettings(),
+        metrics=metrics, purge=purge or PurgeSettings(),
     )
 
 
@@ -1069,3 +1089,49 @@ def _withdrawal(f: Field) -> WithdrawalSettings | None:
     if keys is None or action is None or sounds is None:
         return None
     return WithdrawalSettings(keys=keys, on_withdraw=action, confirmation=sounds)
+
+
+# --- operations: metrics listener and purge textfile --------------------------
+
+_LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9468`` for IPv6) -> (host, port); raises ValueError."""
+    match = _LISTEN.fullmatch(value.strip())
+    port = int(match["port"]) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise ValueError(f"expected host:port, e.g. 127.0.0.1:9468, got {value!r}")
+    return match["host"].strip("[]"), port
+
+
+def _metrics(f: Field) -> MetricsSettings | None:
+    fields = f.mapping(required=("listen",))
+    if fields is None or "listen" not in fields:
+        return None
+    value = fields["listen"].string()
+    if value is None:
+        return None
+    try:
+        host, port = parse_listen(value)
+    except ValueError as exc:
+        fields["listen"].error(str(exc))
+        return None
+    return MetricsSettings(host=host, port=port)
+
+
+def _purge(f: Field) -> PurgeSettings | None:
+    fields = f.mapping(optional=("metrics_file",))
+    if fields is None:
+        return None
+    if "metrics_file" not in fields:
+        return PurgeSettings()
+    value = fields["metrics_file"].string()
+    if value is None:
+        return None
+    if not value.endswith(".prom"):
+        # node_exporter's textfile collector reads only *.prom files.
+        fields["metrics_file"].error("expected a file name ending in .prom "
+                                     "(node_exporter reads only those)")
+        return None
+    return PurgeSettings(metrics_file=_path(fields["metrics_file"], value))

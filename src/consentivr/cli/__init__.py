@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,6 +64,20 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def log_format_option(f: F) -> F:
+    return click.option(
+        "--log-format", type=click.Choice(["json", "text"]), default=None,
+        show_default="json when $JOURNAL_STREAM is set (under systemd), else text",
+        help="json: one object per line, for journald and log shippers.",
+    )(f)
+
+
+def setup_logging(log_format: str | None, verbose: bool) -> None:
+    from consentivr.logformat import setup_logging as setup
+
+    setup(log_format, verbose)
+
+
 def settings_from(config_path: str) -> Settings:
     with friendly_errors():
         return load_settings(config_path)
@@ -90,20 +102,19 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
-def serve(config_path: str, verbose: bool) -> None:
+@log_format_option
+def serve(config_path: str, verbose: bool, log_format: str | None) -> None:
     """Run the ARI (Stasis) app until SIGTERM; log one line per decision.
 
     \b
     Example:
       consentivr serve --config /etc/consentivr/config.yaml
+      consentivr serve --log-format json 2>&1 | jq 'select(.event == "decision")'
     """
     from consentivr.service import serve as run_service
 
     settings = settings_from(config_path)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(log_format, verbose)
     with friendly_errors():
         asyncio.run(run_service(settings))
 

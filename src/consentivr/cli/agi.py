@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, settings_from
+from consentivr.cli import (
+    config_option,
+    friendly_errors,
+    log_format_option,
+    settings_from,
+    setup_logging,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:4573"
 
@@ -28,7 +32,9 @@ def _listen(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[s
               help="host:port to accept FastAGI connections on. AGI has no authentication: "
                    "keep it on 127.0.0.1 or a firewalled address.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
-def agi(config_path: str, listen: tuple[str, int], verbose: bool) -> None:
+@log_format_option
+def agi(config_path: str, listen: tuple[str, int], verbose: bool,
+        log_format: str | None) -> None:
     """Run the FastAGI server until SIGTERM; log one line per decision.
 
     The same flows, consent log and recording rules as `serve` (ARI), for
@@ -46,10 +52,7 @@ def agi(config_path: str, listen: tuple[str, int], verbose: bool) -> None:
     from consentivr.agi import serve
 
     settings = settings_from(config_path)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(log_format, verbose)
     host, port = listen
     with friendly_errors():
         asyncio.run(serve(settings, host, port))

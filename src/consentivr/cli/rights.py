@@ -31,6 +31,7 @@ from consentivr.audit import count_rows, verify_chain
 from consentivr.cli import config_option, friendly_errors, settings_from
 from consentivr.config import Settings
 from consentivr.errors import ConsentivrError, StoreError
+from consentivr.purgemetrics import recorded_purge
 from consentivr.retention import (
     DEFAULT_BATCH,
     PurgeBusy,
@@ -178,11 +179,12 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
         orphan_grace=orphan_grace, batch_size=batch_size,
     )
     interactive = sys.stderr.isatty() and not as_json
-    with _errors():
+    with _errors(), recorded_purge(settings.purge.metrics_file, dry_run) as done:
         bar_total = _count_due(settings, opts) if interactive else None
         with _progress(bar_total, "purging", quiet=not interactive) as tick:
             report = run_purge(settings.database, settings.recordings.dir, opts,
                                progress=tick)
+        done(report)  # the node_exporter textfile (purge.metrics_file), if configured
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
