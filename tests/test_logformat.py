@@ -144,7 +144,10 @@ def _first_line(tmp_path: Path, args: list[str], env: dict[str, str]) -> str:
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**base, **env}, text=True)
     try:
         assert child.stderr is not None
-        return child.stderr.readline()  # waits for the "listening" line
+        for line in child.stderr:  # the start line; a redaction warning may come first
+            if "listening" in line:
+                return line
+        raise AssertionError("the agi command never said it was listening")
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)

@@ -18,12 +18,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
 from consentivr.errors import ConsentivrError
 from consentivr.flow import late_commit
+from consentivr.logformat import decision_fields
 from consentivr.messages import Clock, DecisionLogged, DecisionRecord, LateWrite
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,16 @@ class Committer(Protocol):
     def submit(self, kind: str, payload: Any) -> Future[None]: ...
 
 
-class CommitObserver(Protocol):
-    """Told how long each decision commit took and whether the log is writable."""
+class LogObserver(Protocol):
+    """Told what lands in the consent log (metrics count what the log holds), how long
+    a decision's commit took, and whether the log is writable."""
 
     def log_commit(self, seconds: float) -> None: ...
-    def component_up(self, name: str, up: bool) -> None: ...
+    def component_up(self, name: str, up: bool, reason: str | None = None) -> None: ...
+    def call_ended(self, flow: str | None, outcome: str) -> None: ...
+    def decisions(self, flow: str | None, decisions: Mapping[str, Any]) -> None: ...
+    def recording(self, result: str) -> None: ...
+    def withdrawal(self, by: str) -> None: ...
 
 
 class LateLog:
@@ -50,9 +56,11 @@ class LateLog:
     Held in memory only: a crash loses them (the call is unrecorded either way).
     """
 
-    def __init__(self, committer: Committer, max_delay: float = 30.0) -> None:
+    def __init__(self, committer: Committer, max_delay: float = 30.0,
+                 landed: Callable[[str, Any], None] | None = None) -> None:
         self.committer = committer
         self.max_delay = max_delay
+        self.landed = landed or (lambda kind, payload: None)
         self.pending: deque[tuple[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._retry_now = asyncio.Event()
@@ -88,6 +96,7 @@ class LateLog:
                     continue
                 self.pending.popleft()
                 self.written += 1
+                self.landed(kind, payload)
                 delay = 1.0
                 log.info("late %s write landed in the consent log", kind)
             self._wake.clear()
@@ -108,12 +117,12 @@ class ConsentWriter:
 
     def __init__(self, committer: Committer, clock: Clock = time.time,
                  timeout: float = DECISION_TIMEOUT,
-                 observer: CommitObserver | None = None) -> None:
+                 observer: LogObserver | None = None) -> None:
         self.committer = committer
         self.clock = clock
         self.timeout = timeout
         self.observer = observer
-        self.late = LateLog(committer)
+        self.late = LateLog(committer, landed=self._landed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -144,11 +153,7 @@ class ConsentWriter:
         decisions = " ".join(f"{k}={v}" for k, v in record.decisions.items())
         log.info("decision call=%s flow=%s lang=%s notice=%s %s outcome=%s",
                  record.call_id, record.flow, record.language, record.notice_version,
-                 decisions, record.outcome,
-                 extra={"call_id": record.call_id, "flow": record.flow,
-                        "language": record.language, "notice_version": record.notice_version,
-                        "decisions": {k: str(v) for k, v in record.decisions.items()},
-                        "outcome": record.outcome})
+                 decisions, record.outcome, extra=decision_fields(record))
         return DecisionLogged(True, self.clock())
 
     def mark_recording(self, call_id: str, confirmed: bool, error: str | None) -> None:
@@ -185,16 +190,33 @@ class ConsentWriter:
             self._up(False)
             self._settle_failed(kind, payload, str(exc))
             return False
-        self._up(True)
+        self._landed(kind, payload)
         return True
 
     def _up(self, up: bool) -> None:
         if self.observer is not None:
-            self.observer.component_up("log", up)
+            self.observer.component_up("log", up, None if up else "consent log not writable")
+
+    def _landed(self, kind: str, payload: Any) -> None:
+        """A write is in the log: count what the log now holds (calls, decisions,
+        recordings confirmed or failed, voids)."""
+        self._up(True)
+        observer = self.observer
+        if observer is None:
+            return
+        if kind == "append":
+            observer.call_ended(payload.flow, payload.outcome)
+            observer.decisions(payload.flow, payload.decisions)
+        elif kind == "mark_recording":
+            observer.recording("started" if payload[1] else "failed")
+        elif kind == "void_late_consent":
+            observer.withdrawal("system")
 
     def _settle(self, kind: str, payload: Any, future: Future[None]) -> None:
         """A write we stopped waiting for has finished (on the event loop)."""
         error = None if future.cancelled() else future.exception()
+        if error is None:
+            self._landed(kind, payload)
         if kind == "append":
             self._late(late_commit(payload, committed=error is None,
                                    error=None if error is None else str(error), at=time.time()))

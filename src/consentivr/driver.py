@@ -90,13 +90,11 @@ class Transport(Protocol):
 
 
 class CallObserver(Protocol):
-    """Told what happens to calls (metrics); never told who called."""
+    """Told when a call enters and leaves the consent menu (metrics). What was decided
+    is counted where it lands, by the consent writer."""
 
     def menu_entered(self) -> None: ...
     def menu_left(self) -> None: ...
-    def call_ended(self, flow: str, outcome: str) -> None: ...
-    def decision(self, flow: str, purpose: str, decision: str) -> None: ...
-    def recording(self, result: str) -> None: ...
 
 
 def clean(value: object, limit: int = MAX_TEXT) -> str:
@@ -173,9 +171,8 @@ class CallDriver:
             await self._bail_out()
         finally:
             self.transport.close()
-            if self.observer is not None and self.flow is not None:
+            if self.observer is not None:
                 self.observer.menu_left()
-                self.observer.call_ended(self.flow.name, self.machine.outcome.value)
 
     async def _next_event(self) -> Event:
         assert self.machine is not None
@@ -225,11 +222,7 @@ class CallDriver:
                 case DisarmDeadline():
                     await t.disarm_deadline()
                 case LogDecision(record=record):
-                    logged = await self.writer.log_decision(record)
-                    if logged.ok and self.observer is not None:
-                        for purpose, decision in record.decisions.items():
-                            self.observer.decision(record.flow, purpose, str(decision))
-                    return logged
+                    return await self.writer.log_decision(record)
                 case StartRecording(path=path):
                     return await self._start_recording(path)
                 case MarkRecording(call_id=call_id, confirmed=confirmed, error=error):
@@ -252,11 +245,7 @@ class CallDriver:
             await self.transport.start_recording(path)
         except ConsentivrError as exc:
             log.warning("call %s: recording not confirmed: %s", self.info.call_id, exc)
-            if self.observer is not None:
-                self.observer.recording("failed")
             return RecordingStarted(False, self.clock(), str(exc))
-        if self.observer is not None:
-            self.observer.recording("started")
         return RecordingStarted(True, self.clock())
 
     async def _bail_out(self) -> None:

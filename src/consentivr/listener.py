@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from panoramisk import Manager
 
@@ -60,12 +60,21 @@ CATCH_UP_SECONDS = 86400.0
 Clock = Callable[[], float]
 
 
+class ListenerObserver(Protocol):
+    """Told when the AMI connection goes up or down, and of each first withdrawal."""
+
+    def component_up(self, name: str, up: bool, reason: str | None = None) -> None: ...
+    def withdrawal(self, by: str) -> None: ...
+
+
 class RecordingListener:
     """Listens to AMI and keeps recordings to the conversation the caller agreed to."""
 
-    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+    def __init__(self, settings: Settings, clock: Clock = time.time,
+                 observer: ListenerObserver | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.observer = observer
         self.tracker = RecordingTracker()
         self.logged_in = asyncio.Event()
         self.done: list[Command | Withdrawal] = []  # what was carried out, for tests
@@ -123,12 +132,16 @@ class RecordingListener:
     def _on_login(self, _manager: Manager) -> None:
         log.info("AMI recording listener connected")
         self.logged_in.set()
+        if self.observer is not None:
+            self.observer.component_up("ami", True)
         self._spawn(self._after_login())
 
     def _on_disconnect(self, _manager: Manager, _exc: object) -> None:
         if self.logged_in.is_set():
             log.warning("AMI recording listener lost its connection; reconnecting")
         self.logged_in.clear()
+        if self.observer is not None:
+            self.observer.component_up("ami", False, "AMI connection lost; reconnecting")
 
     async def _after_login(self) -> None:
         try:
@@ -223,6 +236,8 @@ class RecordingListener:
             log.error("withdrawal of %s NOT logged: %s", key, exc)
             raise
         log.info("%s", result.describe())
+        if result.first and self.observer is not None:
+            self.observer.withdrawal(result.by)
         if result.file == "deleted":
             self._spawn(self._delete_again(result.call_id))
         await self._note(result)

@@ -34,6 +34,7 @@ from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
+from consentivr.operations import Operations
 from consentivr.recovery import lookup_in
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
@@ -129,28 +130,34 @@ class Service:
         self.writer: ConsentWriter | None = None
         self.app: StasisApp | None = None
         self.agi: AgiServer | None = None
+        # Metrics, /metrics + /healthz, and systemd readiness and watchdog.
+        self.ops = Operations.for_settings(settings, mode="serve" if mode == "ari" else "agi")
         self._pump: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
     async def start(self, wait_connected: float | None = None) -> None:
         settings = self.settings
+        metrics = self.ops.metrics
+        await self.ops.start()  # a taken metrics port is an error before anything runs
         prepare_paths(settings)
         key = load_or_create_key(settings.database, settings.caller_key)
         redaction.install([key.key])
         lazy = LazyLog(settings.database, key)
         try:
             lazy.open()
+            metrics.component_up("log", True)
         except StoreError as exc:
             log.error("%s; calls go on unrecorded until it works", exc)
+            metrics.component_up("log", False, "consent log cannot be opened")
         self.committer = GroupCommitter(lambda: lazy)
-        self.writer = writer = ConsentWriter(self.committer)
+        self.writer = writer = ConsentWriter(self.committer, observer=metrics)
         writer.start()
         if settings.ami is not None:
             # Withdrawal by key and hold muting happen outside our app, in both modes.
-            self.recording_listener = RecordingListener(settings)
+            self.recording_listener = RecordingListener(settings, observer=metrics)
             await self.recording_listener.start(wait=wait_connected)
         if self.mode == "agi":
-            self.agi = AgiServer(settings, writer)
+            self.agi = AgiServer(settings, writer, observer=metrics)
             await self.agi.start(*self.listen)
             self.connected.set()
             return
@@ -163,7 +170,7 @@ class Service:
             recorder = Recorder(self.pool)
         self.ari = AriClient(settings.ari)
         self.app = StasisApp(settings, self.ari, recorder, writer,
-                             lookup=lookup_in(settings.database))
+                             lookup=lookup_in(settings.database), observer=metrics)
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(self.app))
         if wait_connected:
             await asyncio.wait_for(self.connected.wait(), wait_connected)
@@ -177,6 +184,7 @@ class Service:
             await self.ari.set_event_filter(self.settings.ari.app, EVENT_TYPES)
         except AriError as exc:  # an older Asterisk: we just get every event
             log.info("ARI event filter not set (%s); receiving every event", exc)
+        self.ops.metrics.component_up("ari", True)
         self.connected.set()
         if self.app is not None:
             self.app.events_connected()
@@ -208,6 +216,7 @@ class Service:
             self.pool.close()
         if self.committer is not None:
             self.committer.close()
+        await self.ops.stop()
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, *, mode: str = "ari",
