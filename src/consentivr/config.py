@@ -85,6 +85,16 @@ class WithdrawalSettings:
 
 
 @dataclass(frozen=True)
+class Contact:
+    """Who answers for the processing, for the art. 30 record: controller or DPO."""
+
+    name: str
+    email: str | None = None
+    phone: str | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     ari: AriSettings
@@ -100,6 +110,8 @@ class Settings:
     # A call found in Stasis after a restart of consentivr: continue | hangup.
     recovery: str = "continue"
     withdrawal: WithdrawalSettings = field(default_factory=WithdrawalSettings)
+    controller: Contact | None = None  # the art. 30 record (``consentivr report``)
+    dpo: Contact | None = None
 
     def flow_for(self, name: str | None) -> Flow | None:
         return self.flows.get(name or self.default_flow)
@@ -923,7 +935,7 @@ def load_flow_file(path: Path, prompts_dir: Path,
 _TOP_KEYS = (
     "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
     "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
-    "recovery", "withdrawal",
+    "recovery", "withdrawal", "controller", "dpo",
 )
 
 
@@ -968,6 +980,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                 if "recovery" in fields else "continue")
     withdrawal = (_withdrawal(fields["withdrawal"]) if "withdrawal" in fields
                   else WithdrawalSettings())
+    contacts = {k: _contact(fields[k]) for k in ("controller", "dpo") if k in fields}
     lines = problems.sorted() + extra_problems
     if lines:
         raise ConfigError(lines)
@@ -980,6 +993,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         log_retention_days=log_days, caller_key=key.encode() if key else None,
         menus=dict(scope.menus), recovery=recovery or "continue",
         withdrawal=withdrawal or WithdrawalSettings(),
+        controller=contacts.get("controller"), dpo=contacts.get("dpo"),
     )
 
 
@@ -1069,3 +1083,17 @@ def _withdrawal(f: Field) -> WithdrawalSettings | None:
     if keys is None or action is None or sounds is None:
         return None
     return WithdrawalSettings(keys=keys, on_withdraw=action, confirmation=sounds)
+
+
+_CONTACT_KEYS = ("name", "email", "phone", "address")
+
+
+def _contact(f: Field) -> Contact | None:
+    """``controller:`` or ``dpo:``: a name and how to reach them."""
+    fields = f.mapping(required=("name",), optional=_CONTACT_KEYS)
+    if fields is None:
+        return None
+    values = {k: fields[k].string() for k in _CONTACT_KEYS if k in fields}
+    if "name" not in fields or None in values.values():
+        return None
+    return Contact(**values)  # type: ignore[arg-type]
