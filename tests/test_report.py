@@ -525,3 +525,67 @@ def test_the_page_in_headless_chromium_screenshot_dom_and_pdf(seeded: Seeded,
     blob = pdf.read_bytes()
     assert blob[:5] == b"%PDF-" and len(blob) > 50_000
     assert len(re.findall(rb"/Type\s*/Page[^s]", blob)) >= 2  # a real multi-page print
+
+
+# --- the fast, parallel chain check equals audit.verify_chain -------------------------------
+
+TAMPER = {
+    "clean": [],
+    "proof field edited": ["UPDATE calls SET outcome = 'x' WHERE seq = 5"],
+    "personal field edited": ["UPDATE calls SET channel = 'PJSIP/other' WHERE seq = 7"],
+    "row deleted": ["DELETE FROM calls WHERE seq = 6"],
+    "last rows deleted": ["DELETE FROM calls WHERE seq > 74"],  # past a purge anchor
+    "salt removed": ["UPDATE calls SET personal_salt = NULL WHERE seq = 9 "
+                     "AND redacted_at IS NULL"],
+    "redacted row refilled": ["UPDATE calls SET redacted_at = '2026-01-01T00:00:00.000000Z', "
+                              "personal_salt = NULL WHERE seq = 11",
+                              "UPDATE calls SET channel = 'PJSIP/x' WHERE seq = 11"],
+    "renumbered": ["UPDATE calls SET seq = seq + 1000 WHERE seq = 12"],
+    "first row edited": ["UPDATE calls SET flow = 'other' WHERE seq = 1"],
+    "anchor rewritten": ["UPDATE purge_runs SET head_hash = 'ab' WHERE head_seq IS NOT NULL"],
+}
+
+
+@pytest.fixture(scope="module")
+def odd_log(seeded: Seeded) -> Path:
+    """The seeded log plus rows whose texts need JSON escapes: quotes, backslashes,
+    control characters, non-ASCII and U+2028."""
+    from consentivr.retention import open_log
+    from consentivr.verifier import verify_log
+
+    odd = seeded.root / "odd"
+    odd.mkdir()
+    shutil.copy(seeded.db, odd / "consent.db")
+    log = ConsentLog(odd / "consent.db", CallerKey(KEY))
+    now = time.time()
+    texts = ['"quoted" \\ back', "tab\there\nnew\x01\x1f\x7f", "é ü 中文 \u2028 \U0001f600"]
+    log.append_many([DecisionRecord(
+        call_id=f"odd{i}", channel_id=t, linkedid="l", channel_name=t, caller=t,
+        flow="main", language="nl", notice_version=t, started_at=now - 5, decided_at=now,
+        keys=(KeyPress("1", now, t),), decisions={"recording": Decision.NO},
+        retention_until={"recording": now}, recording_path=None, outcome=t,
+    ) for i, t in enumerate(texts)])
+    log.close()
+    open_log(odd / "consent.db").close()
+    assert verify_log(odd / "consent.db").ok
+    return odd / "consent.db"
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_the_parallel_check_finds_what_verify_finds(odd_log: Path, tmp_path: Path,
+                                                    case: str) -> None:
+    from consentivr.audit import verify_chain
+    from consentivr.verifier import verify_log
+
+    db = tmp_path / "consent.db"
+    shutil.copy(odd_log, db)
+    conn = sqlite3.connect(db)
+    with conn:
+        for statement in TAMPER[case]:
+            conn.execute(statement)
+    conn.row_factory = sqlite3.Row
+    expected = verify_chain(conn)
+    conn.close()
+    assert expected.ok == (case == "clean")
+    assert verify_log(db, workers=1) == expected
+    assert verify_log(db, workers=3, parallel_from=0) == expected

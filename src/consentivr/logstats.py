@@ -12,14 +12,18 @@ paths the report needs to check the files on disk; it never shows them.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from consentivr.audit import ChainReport, verify_chain
+from consentivr.audit import ChainReport
 from consentivr.errors import StoreError
+from consentivr.verifier import verify_log
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,20 @@ class LogStats(Protocol):
 
     def total_calls(self, period: Period) -> int: ...
 
-    def decision_counts(self, period: Period) -> list[DecisionCount]: ...
+    def decision_counts(self, period: Period) -> list[DecisionCount]:
+        # Grouped by the decisions' JSON text as stored: a flow has few distinct
+        # combinations, so only the groups' texts are parsed, never a row's.
+        weeks: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        for r in self._all(
+            "SELECT flow, substr(decided_at, 1, 10) AS day, decisions, count(*) AS n "
+            "FROM calls WHERE decided_at >= ? AND decided_at < ? "
+            "GROUP BY flow, day, decisions", period.bounds()
+        ):
+            day = date.fromisoformat(r["day"])
+            monday = (day - timedelta(days=day.weekday())).isoformat()
+            for purpose, decision in json.loads(r["decisions"]).items():
+                weeks[(r["flow"], purpose, monday, str(decision))] += r["n"]
+        return [DecisionCount(f, p, w, d, n) for (f, p, w, d), n in sorted(weeks.items())]
 
     def withdrawals(self, period: Period) -> list[WithdrawalCount]: ...
 
@@ -256,7 +273,7 @@ class SqliteLogStats:
 
     def verify(self) -> ChainReport:
         try:
-            return verify_chain(self.conn)
+            return verify_log(self.path)  # audit.verify_chain's rules, on every core
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the consent log: {exc}") from exc
 
