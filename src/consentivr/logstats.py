@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from consentivr.audit import ChainReport
 from consentivr.errors import StoreError
@@ -36,6 +36,14 @@ class Period:
     def bounds(self) -> tuple[str, str]:
         # ISO texts sort as time; "" is before and "~" after every one of them.
         return (self.start or "", self.end or "~")
+
+    def where(self, column: str = "decided_at") -> tuple[str, tuple[str, ...]]:
+        """An SQL condition on ``column`` (always true for an open period) and its
+        parameters. The whole log is read by one scan: the index on decided_at
+        would cost a lookup per row."""
+        if self.start is None and self.end is None:
+            return "1", ()
+        return f"{column} >= ? AND {column} < ?", self.bounds()
 
 
 @dataclass(frozen=True)
@@ -102,20 +110,7 @@ class LogStats(Protocol):
 
     def total_calls(self, period: Period) -> int: ...
 
-    def decision_counts(self, period: Period) -> list[DecisionCount]:
-        # Grouped by the decisions' JSON text as stored: a flow has few distinct
-        # combinations, so only the groups' texts are parsed, never a row's.
-        weeks: dict[tuple[str, str, str, str], int] = defaultdict(int)
-        for r in self._all(
-            "SELECT flow, substr(decided_at, 1, 10) AS day, decisions, count(*) AS n "
-            "FROM calls WHERE decided_at >= ? AND decided_at < ? "
-            "GROUP BY flow, day, decisions", period.bounds()
-        ):
-            day = date.fromisoformat(r["day"])
-            monday = (day - timedelta(days=day.weekday())).isoformat()
-            for purpose, decision in json.loads(r["decisions"]).items():
-                weeks[(r["flow"], purpose, monday, str(decision))] += r["n"]
-        return [DecisionCount(f, p, w, d, n) for (f, p, w, d), n in sorted(weeks.items())]
+    def decision_counts(self, period: Period) -> list[DecisionCount]: ...
 
     def withdrawals(self, period: Period) -> list[WithdrawalCount]: ...
 
@@ -159,6 +154,7 @@ class SqliteLogStats:
             raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
         self._purge_log = "purge_runs" in tables
         self._requests_log = "subject_requests" in tables
+        self._grouped: dict[Period, list[sqlite3.Row]] = {}
 
     def close(self) -> None:
         self.conn.close()
@@ -174,49 +170,52 @@ class SqliteLogStats:
         return rows[0]
 
     def total_calls(self, period: Period) -> int:
-        return int(self._one("SELECT count(*) FROM calls WHERE decided_at >= ? AND "
-                             "decided_at < ?", period.bounds())[0])
+        where, params = period.where()
+        return int(self._one(f"SELECT count(*) FROM calls WHERE {where}", params)[0])
+
+    def _groups(self, period: Period) -> list[sqlite3.Row]:
+        """One scan for decisions and notices: calls grouped by flow, day, the
+        decisions' JSON text as stored, language and notice version. A flow has few
+        distinct decision texts, so Python parses only the groups', never a row's."""
+        if period not in self._grouped:
+            where, params = period.where()
+            self._grouped[period] = self._all(
+                "SELECT flow, substr(decided_at, 1, 10) AS day, decisions, language, "
+                "notice_version, count(*) AS n, min(decided_at) AS first, "
+                f"max(decided_at) AS last FROM calls WHERE {where} "
+                "GROUP BY flow, day, decisions, language, notice_version", params)
+        return self._grouped[period]
 
     def decision_counts(self, period: Period) -> list[DecisionCount]:
-        # One pass: the week's Monday is computed from the date part alone.
-        rows = self._all(
-            "SELECT flow, d.key AS purpose, "
-            "date(substr(decided_at, 1, 10), 'weekday 0', '-6 days') AS week, "
-            "d.value AS decision, count(*) AS n "
-            "FROM calls, json_each(calls.decisions) AS d "
-            "WHERE decided_at >= ? AND decided_at < ? "
-            "GROUP BY flow, purpose, week, decision ORDER BY flow, purpose, week, decision",
-            period.bounds())
-        return [DecisionCount(r["flow"], r["purpose"], r["week"], r["decision"], r["n"])
-                for r in rows]
+        weeks: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        for r in self._groups(period):
+            day = date.fromisoformat(r["day"])
+            monday = (day - timedelta(days=day.weekday())).isoformat()
+            for purpose, decision in json.loads(r["decisions"]).items():
+                weeks[(r["flow"], purpose, monday, str(decision))] += r["n"]
+        return [DecisionCount(f, p, w, d, n) for (f, p, w, d), n in sorted(weeks.items())]
 
     def withdrawals(self, period: Period) -> list[WithdrawalCount]:
-        where = ("withdrawn_at IS NOT NULL AND withdrawn_by = ? AND decided_at >= ? "
-                 "AND decided_at < ?")
+        # One scan; the database sorts only the withdrawn rows and returns, per
+        # author, the count and the one or two middle values (the median).
+        where, params = period.where()
         into = _SECONDS.format(a="started_at", b="withdrawn_at")
-        result = []
-        for row in self._all(
-            "SELECT withdrawn_by, count(*) AS n FROM calls WHERE withdrawn_at IS NOT NULL "
-            "AND decided_at >= ? AND decided_at < ? GROUP BY withdrawn_by ORDER BY withdrawn_by",
-            period.bounds()
-        ):
-            by, n = row["withdrawn_by"], row["n"]
-            # The median by offset: the database sorts, only one or two values come back.
-            middle = self._all(f"SELECT {into} FROM calls WHERE {where} ORDER BY 1 "
-                               "LIMIT ? OFFSET ?",
-                               (by, *period.bounds(), 2 - n % 2, (n - 1) // 2))
-            values = [r[0] for r in middle if r[0] is not None]
-            median = sum(values) / len(values) if values else None
-            result.append(WithdrawalCount(by or "unknown", n, median))
-        return result
+        rows = self._all(
+            "SELECT by, n, avg(s) AS median FROM ("
+            " SELECT by, s, n, row_number() OVER (PARTITION BY by ORDER BY s) AS k FROM ("
+            "  SELECT coalesce(withdrawn_by, 'unknown') AS by, "
+            f"  {into} AS s, count(*) OVER (PARTITION BY withdrawn_by) AS n "
+            f"  FROM calls WHERE withdrawn_at IS NOT NULL AND {where}))"
+            " WHERE k IN ((n + 1) / 2, (n + 2) / 2) GROUP BY by ORDER BY by", params)
+        return [WithdrawalCount(r["by"], r["n"], r["median"]) for r in rows]
 
     def recordings(self, period: Period) -> RecordingTotals:
+        where, params = period.where()
         span = _SECONDS.format(a="recording_started_at", b="recording_stopped_at")
         row = self._one(
             f"SELECT count(*), total({span}), "
             "sum(recording_started_at IS NULL OR recording_stopped_at IS NULL) "
-            "FROM calls WHERE recording_confirmed = 1 AND decided_at >= ? AND decided_at < ?",
-            period.bounds())
+            f"FROM calls WHERE recording_confirmed = 1 AND {where}", params)
         return RecordingTotals(int(row[0]), float(row[1] or 0.0), int(row[2] or 0))
 
     def held_recordings(self) -> Iterator[HeldRecording]:
@@ -263,13 +262,14 @@ class SqliteLogStats:
                              "AND at >= ? AND at < ?", period.bounds())[0])
 
     def notice_versions(self, period: Period) -> list[NoticeUse]:
-        rows = self._all(
-            "SELECT flow, language, notice_version, count(*) AS n, min(decided_at) AS first, "
-            "max(decided_at) AS last FROM calls WHERE decided_at >= ? AND decided_at < ? "
-            "GROUP BY flow, language, notice_version ORDER BY flow, language, first",
-            period.bounds())
-        return [NoticeUse(r["flow"], r["language"], r["notice_version"], r["n"], r["first"],
-                          r["last"]) for r in rows]
+        uses: dict[tuple[str, str, str], list[Any]] = {}
+        for r in self._groups(period):
+            key = (r["flow"], r["language"], r["notice_version"])
+            use = uses.setdefault(key, [0, r["first"], r["last"]])
+            use[0] += r["n"]
+            use[1], use[2] = min(use[1], r["first"]), max(use[2], r["last"])
+        return sorted((NoticeUse(*key, n, first, last) for key, (n, first, last)
+                       in uses.items()), key=lambda u: (u.flow, u.language, u.first))
 
     def verify(self) -> ChainReport:
         try:

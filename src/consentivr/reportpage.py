@@ -12,6 +12,7 @@ import functools
 import io
 import re
 from collections.abc import Sequence
+from datetime import date
 from importlib import resources
 from typing import Any
 
@@ -153,21 +154,37 @@ def weeks_chart(purpose: dict[str, Any], t: dict[str, str], salt: str) -> str:
     return _svg(fig, salt)
 
 
+SERIES = ("recordings_deleted", "rows_redacted", "callers_cleared", "refused")
+MAX_BARS = 60  # more runs than this (a nightly purge over a quarter): one bar per week
+
+
+def _by_week(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    weeks: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        y, w, _ = date.fromisoformat(r["started_at"][:10]).isocalendar()
+        bucket = weeks.setdefault(f"{y}-W{w:02d}", dict.fromkeys(SERIES, 0))
+        for key in SERIES:
+            bucket[key] += r[key]
+    return list(weeks), list(weeks.values())
+
+
 def purges_chart(runs: list[dict[str, Any]], t: dict[str, str], salt: str) -> str:
-    """Stacked bars per purge run: what it deleted, redacted and cleared."""
+    """Stacked bars per purge run (per week when there are many): what it deleted,
+    redacted and cleared, and what it left alone."""
     runs = [r for r in runs if not r["dry_run"]]
     if not runs:
         return ""
-    labels = [f"{r['run']} · {r['started_at'][:10]}" for r in runs]
+    if len(runs) > MAX_BARS:
+        labels, runs = _by_week(runs)
+    else:
+        labels = [f"{r['run']} · {r['started_at'][:10]}" for r in runs]
     xs = list(range(len(runs)))
     fig = _figure(9, 2.6)
     ax = fig.add_subplot()
     bottom = [0] * len(xs)
-    series = (("recordings_deleted", "deleted", "#0072B2"),
-              ("rows_redacted", "redacted", "#E69F00"),
-              ("callers_cleared", "cleared", "#009E73"),
-              ("refused", "refused", "#D55E00"))
-    for key, label, colour in series:
+    looks = (("deleted", "#0072B2"), ("redacted", "#E69F00"), ("cleared", "#009E73"),
+             ("refused", "#D55E00"))
+    for key, (label, colour) in zip(SERIES, looks, strict=True):
         heights = [r[key] for r in runs]
         if not any(heights):
             continue
@@ -185,6 +202,12 @@ def purges_chart(runs: list[dict[str, Any]], t: dict[str, str], salt: str) -> st
 
 
 # --- the page ------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Import matplotlib (about half a second): call it in a thread while the log
+    is read, so the charts do not wait for it."""
+    import matplotlib.figure  # noqa: F401
 
 
 @functools.cache

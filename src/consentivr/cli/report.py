@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def report_command(config_path: str, start: str | None, end: str | None, lang: s
     """
     from consentivr.logstats import open_stats
     from consentivr.report import check_out_path, gather, period_of
-    from consentivr.reportpage import render_html
+    from consentivr.reportpage import render_html, warm_up
 
+    if fmt == "html":
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     settings = settings_from(config_path)
     with friendly_errors():
         period = period_of(start, end)
