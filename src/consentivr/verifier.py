@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import sqlite3
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,17 @@ def verify_log(database: Path, workers: int | None = None,
     else:
         step = (last - first) // n + 1
         bounds = [(first + i * step, first + (i + 1) * step) for i in range(n)]
-        # spawn: the caller may have threads running; a forked copy of them is unsafe.
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(check_segment, str(database), lo, hi, marks)
-                    for lo, hi in bounds]
-            segments = [job.result() for job in jobs]
+        try:
+            # spawn: the caller may have threads running; a forked copy of them is unsafe.
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) \
+                    as pool:
+                jobs = [pool.submit(check_segment, str(database), lo, hi, marks)
+                        for lo, hi in bounds]
+                segments = [job.result() for job in jobs]
+        except (BrokenProcessPool, OSError):
+            # No workers here (e.g. a __main__ that cannot be imported again): same
+            # check, one segment, in this process.
+            segments = [check_segment(str(database), 0, last + 1, marks)]
     return _join(segments, anchors)
 
 
