@@ -1,5 +1,5 @@
 """Shared test setup: the real-Asterisk fixtures, and the CI rule that a skipped
-real-Asterisk test is a failure."""
+real-Asterisk (or real-Chromium) test is a failure."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     report = outcome.get_result()
     in_ci = os.environ.get("CI", "").lower() == "true"
-    if in_ci and report.skipped and item.get_closest_marker("asterisk") is not None:
-        # Under CI, "could not reach Asterisk" must never look like a pass.
+    real = next((m for m in ("asterisk", "chromium") if item.get_closest_marker(m)), None)
+    if in_ci and report.skipped and real is not None:
+        # Under CI, "could not reach Asterisk" (or "no browser") must never look like a pass.
         report.outcome = "failed"
         report.longrepr = (
-            f"CI=true: real-Asterisk test {item.nodeid} was skipped: {report.longrepr}"
+            f"CI=true: real-{real} test {item.nodeid} was skipped: {report.longrepr}"
         )

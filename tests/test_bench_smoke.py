@@ -1,4 +1,4 @@
-"""The benchmarks still run: ``bench/log --smoke`` and ``bench/calls --smoke``.
+"""The benchmarks still run: ``bench/log``, ``bench/calls`` and ``bench/report --smoke``.
 
 Not timed tests: they prove the scripts work and print their tables. The figures
 themselves are in docs/performance.md.
@@ -77,4 +77,15 @@ def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
     # consentivr's CPU is measured for both of its modes; the baseline has none.
     for mode in modes - {"dialplan"}:
         assert re.fullmatch(r"\d+\.\d\d", rows[mode][4]), rows[mode]
+    assert took < LIMIT
+
+
+def test_report_smoke_prints_the_report_the_baseline_and_the_ratio() -> None:
+    out, took = run("report")
+    rows = table_rows(out)
+    assert set(rows) == {"consentivr report (html)", "baseline: GROUP BY flow"}
+    for cells in rows.values():
+        assert float(cells[1]) > 0  # median seconds
+    assert re.search(r"report / baseline = \d+(\.\d)?x", out)
+    assert re.search(r"peak RSS of the report: \d+ MB", out)
     assert took < LIMIT

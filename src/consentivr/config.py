@@ -100,6 +100,16 @@ class PurgeSettings:
 
 
 @dataclass(frozen=True)
+class Contact:
+    """Who answers for the processing, for the art. 30 record: controller or DPO."""
+
+    name: str
+    email: str | None = None
+    phone: str | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     ari: AriSettings
@@ -117,6 +127,8 @@ class Settings:
     withdrawal: WithdrawalSettings = field(default_factory=WithdrawalSettings)
     metrics: MetricsSettings | None = None  # None: no /metrics, /healthz listener
     purge: PurgeSettings = field(default_factory=PurgeSettings)
+    controller: Contact | None = None  # the art. 30 record (``consentivr report``)
+    dpo: Contact | None = None
 
     def flow_for(self, name: str | None) -> Flow | None:
         return self.flows.get(name or self.default_flow)
@@ -940,7 +952,7 @@ def load_flow_file(path: Path, prompts_dir: Path,
 _TOP_KEYS = (
     "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
     "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
-    "recovery", "withdrawal", "metrics", "purge",
+    "recovery", "withdrawal", "metrics", "purge", "controller", "dpo",
 )
 
 
@@ -987,6 +999,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
                   else WithdrawalSettings())
     metrics = _metrics(fields["metrics"]) if "metrics" in fields else None
     purge = _purge(fields["purge"]) if "purge" in fields else PurgeSettings()
+    contacts = {k: _contact(fields[k]) for k in ("controller", "dpo") if k in fields}
     lines = problems.sorted() + extra_problems
     if lines:
         raise ConfigError(lines)
@@ -1000,6 +1013,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         menus=dict(scope.menus), recovery=recovery or "continue",
         withdrawal=withdrawal or WithdrawalSettings(),
         metrics=metrics, purge=purge or PurgeSettings(),
+        controller=contacts.get("controller"), dpo=contacts.get("dpo"),
     )
 
 
@@ -1135,3 +1149,17 @@ def _purge(f: Field) -> PurgeSettings | None:
                                      "(node_exporter reads only those)")
         return None
     return PurgeSettings(metrics_file=_path(fields["metrics_file"], value))
+
+
+_CONTACT_KEYS = ("name", "email", "phone", "address")
+
+
+def _contact(f: Field) -> Contact | None:
+    """``controller:`` or ``dpo:``: a name and how to reach them."""
+    fields = f.mapping(required=("name",), optional=_CONTACT_KEYS)
+    if fields is None:
+        return None
+    values = {k: fields[k].string() for k in _CONTACT_KEYS if k in fields}
+    if "name" not in fields or None in values.values():
+        return None
+    return Contact(**values)  # type: ignore[arg-type]

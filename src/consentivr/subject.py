@@ -40,6 +40,29 @@ def normalise_number(text: str) -> str:
     return number
 
 
+# The rights log: one row per answered access request, to count them in the DPO's
+# report. Only the kind and the time: nothing that points back to the person.
+# (Erasures are counted from their ``erase`` runs in the purge log.)
+REQUESTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subject_requests (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,              -- access
+    at TEXT NOT NULL
+);
+"""
+
+
+def log_request(conn: sqlite3.Connection, kind: str, at: float) -> None:
+    """Count one answered request (``access``) in the rights log."""
+    try:
+        conn.executescript(REQUESTS_SCHEMA)
+        with conn:
+            conn.execute("INSERT INTO subject_requests (kind, at) VALUES (?, ?)",
+                         (kind, iso(at)))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write the rights log: {exc}") from exc
+
+
 def subject_rows(conn: sqlite3.Connection, key: CallerKey, number: str) -> list[sqlite3.Row]:
     """Every row about this number, oldest first."""
     return conn.execute(
@@ -72,6 +95,7 @@ def export_subject(conn: sqlite3.Connection, recordings_dir: Path, key: CallerKe
     """Everything held about ``number``; with ``out``, also copies of the recordings."""
     rows = subject_rows(conn, key, number)
     export = SubjectExport(rows=[public_row(r) for r in rows], out=out)
+    log_request(conn, "access", time.time())
     if out is None:
         return export
     _make_out_dir(out)

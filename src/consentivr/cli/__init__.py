@@ -234,6 +234,10 @@ def _register() -> None:
     for command in rights.COMMANDS:
         main.add_command(command)
 
+    from consentivr.cli import report
+
+    main.add_command(report.report_command)
+
 
 _register()
 
