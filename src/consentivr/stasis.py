@@ -229,9 +229,10 @@ class StasisApp:
         # StasisStart events queued on the new websocket are handled first.
         await asyncio.sleep(settle)
         data: dict[str, Any] | None = None
+        app = self.settings.ari.app if self.settings.ari else ""
         for attempt in range(3):
             try:
-                data = await self.ari.application(self.settings.ari.app)
+                data = await self.ari.application(app)
                 break
             except ConsentivrError as exc:
                 if attempt == 2:

@@ -51,7 +51,7 @@ def agi(config_path: str, listen: tuple[str, int], verbose: bool,
     """
     from consentivr.agi import serve
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, secrets=("ami",))
     setup_logging(log_format, verbose)
     host, port = listen
     with friendly_errors():
