@@ -36,6 +36,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.features import FEATURE_NAME
 from consentivr.stasis import StasisApp
 from consentivr.testbed import flow_yaml
+from consentivr.withdrawalpath import RecordingGate
 from tests.fault_fixtures import FakeAri, FakeCommitter, FakeRecorder, settings_in, wait_for
 
 MODES = ("ari", "agi")
@@ -58,6 +59,7 @@ class Case:
     log_fails: int = 0  # so many writes fail
     log_delay: float = 0.0  # each write takes this long (the call waits 0.2 s at most)
     recorder_fails: bool = False
+    blocked: str | None = None  # the recording gate is closed for this reason
 
 
 YES_YES = {"recording": "yes", "callback": "yes"}
@@ -81,6 +83,9 @@ CASES = [
          late=("void_late_consent",), log_delay=0.5),
     Case("late-commit-nothing-allowed", ("", "~2", "~2"), None, logged="no", log_delay=0.5),
     Case("unknown-flow", (), None, flow="nope", logged=None),
+    # Issue 19: the withdrawal key cannot work, so a yes is logged but not recorded.
+    Case("withdrawal-path-broken", ("", "~1", "~1"), YES_YES,
+         blocked="withdrawal key cannot be honoured (feature: missing)"),
 ]
 
 
@@ -94,6 +99,7 @@ class Seen:
     variables: dict[str, str] = field(default_factory=dict)
     continued: bool = False
     late: tuple[str, ...] = ()
+    marks: list[tuple[bool, str | None]] = field(default_factory=list)
 
 
 # --- ARI: the real StasisApp with a scripted fake ARI client ------------------------
@@ -137,7 +143,8 @@ def _dtmf(channel_id: str, digit: str) -> dict[str, Any]:
 async def run_ari(settings: Settings, case: Case, committer: FakeCommitter) -> Seen:
     ari = ScriptedAri(case.script)
     recorder = TriedRecorder(fail=case.recorder_fails)
-    app = StasisApp(settings, ari, recorder, ConsentWriter(committer, timeout=0.2))
+    app = StasisApp(settings, ari, recorder, ConsentWriter(committer, timeout=0.2),
+                    gate=RecordingGate(case.blocked))
     ari.app = app
     app.handle_event({
         "type": "StasisStart", "application": "consentivr", "args": [case.flow],
@@ -221,7 +228,7 @@ class ScriptedAsterisk:
 
 async def run_agi(settings: Settings, case: Case, committer: FakeCommitter) -> Seen:
     writer = ConsentWriter(committer, timeout=0.2)
-    server = AgiServer(settings, writer)
+    server = AgiServer(settings, writer, gate=RecordingGate(case.blocked))
     _host, port = await server.start("127.0.0.1", 0)
     peer = ScriptedAsterisk(case.script, case.recorder_fails)
     try:
@@ -256,6 +263,7 @@ async def _settle(writer: ConsentWriter, committer: FakeCommitter, case: Case) -
         seen.outcome = row.outcome
     # After the first attempt at the decision row (unless that failed outright).
     seen.late = tuple(k for k, _ in writes[0 if case.log_fails else 1:])
+    seen.marks = [p[1:3] for k, p in committer.written if k == "mark_recording"]
     return seen
 
 
@@ -289,6 +297,8 @@ def test_scenario(tmp_path: Path, mode: str, case: Case) -> None:
     assert (seen.variables.get("CONSENTIVR_RECORDING") == "yes") == recorded
     # The withdrawal key is armed exactly when the call is being recorded.
     assert (seen.variables.get("DYNAMIC_FEATURES") == FEATURE_NAME) == recorded
+    if case.blocked:  # the log says why the yes was not recorded
+        assert seen.marks == [(False, case.blocked)]
     if case.logged == "no":
         # Only a committed row may tell the dialplan that processing is allowed.
         assert {v for k, v in seen.variables.items()

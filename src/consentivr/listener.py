@@ -43,6 +43,13 @@ from consentivr.withdrawal import (
     delete_recording,
     stop_mixmonitor,
 )
+from consentivr.withdrawalpath import (
+    PROBE_EVENT,
+    Finding,
+    RecordingGate,
+    check_withdrawal_path,
+    problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +72,22 @@ class ListenerObserver(Protocol):
 
     def component_up(self, name: str, up: bool, reason: str | None = None) -> None: ...
     def withdrawal(self, by: str) -> None: ...
+    def set_problem(self, name: str, reason: str | None) -> None: ...
 
 
 class RecordingListener:
     """Listens to AMI and keeps recordings to the conversation the caller agreed to."""
 
     def __init__(self, settings: Settings, clock: Clock = time.time,
-                 observer: ListenerObserver | None = None) -> None:
+                 observer: ListenerObserver | None = None,
+                 gate: RecordingGate | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.observer = observer
+        self.gate = gate  # closed while the withdrawal path is not verified
+        self.findings: list[Finding] = []  # the last withdrawal-path check
+        self.checked = asyncio.Event()  # set once the first check has run
+        self._probes: dict[str, asyncio.Future[None]] = {}
         self.tracker = RecordingTracker()
         self.logged_in = asyncio.Event()
         self.done: list[Command | Withdrawal] = []  # what was carried out, for tests
@@ -142,6 +155,7 @@ class RecordingListener:
         self.logged_in.clear()
         if self.observer is not None:
             self.observer.component_up("ami", False, "AMI connection lost; reconnecting")
+        self._set_gate("withdrawal key cannot be honoured (AMI connection lost)")
 
     async def _after_login(self) -> None:
         try:
@@ -149,9 +163,46 @@ class RecordingListener:
         except AmiError as exc:  # needs write=system; without it we just get every event
             log.debug("AMI Filter not set: %s", exc)
         self._queue.put_nowait(("catch_up", {}, self.clock()))
+        await self.check_withdrawal_path()
+
+    async def check_withdrawal_path(self) -> list[Finding]:
+        """Run the withdrawal-path checks on this connection and set the gate."""
+        self.findings = await check_withdrawal_path(self.action, self.probe,
+                                                    self.settings.withdrawal)
+        self._set_gate(problem(self.findings))
+        self.checked.set()
+        return self.findings
+
+    def _set_gate(self, reason: str | None) -> None:
+        if self.observer is not None:
+            self.observer.set_problem("withdrawal", reason)
+        if self.gate is None or not self.gate.set(reason):
+            return
+        if reason is None:
+            log.info("withdrawal path verified: recordings may start")
+        else:
+            log.error("%s: recordings are not started until it works", reason)
+
+    async def probe(self, token: str, timeout: float = 3.0) -> bool:
+        """Send a UserEvent and wait until it comes back on our event stream."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._probes[token] = waiter
+        try:
+            await self.action({"Action": "UserEvent", "UserEvent": PROBE_EVENT, "Token": token})
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._probes.pop(token, None)
 
     def _on_event(self, _manager: Manager, message: Mapping[str, Any]) -> None:
         event = {str(k): str(v) for k, v in message.items() if k != "content"}
+        if event.get("UserEvent") == PROBE_EVENT:
+            waiter = self._probes.get(event.get("Token", ""))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         self._queue.put_nowait(("event", event, self.clock()))
 
     def _spawn(self, coro: Any) -> None:
