@@ -6,7 +6,6 @@ here and only here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -97,6 +96,7 @@ def serve(config_path: str, verbose: bool) -> None:
     Example:
       consentivr serve --config /etc/consentivr/config.yaml
     """
+    from consentivr import accelerators
     from consentivr.service import serve as run_service
 
     settings = settings_from(config_path)
@@ -105,7 +105,7 @@ def serve(config_path: str, verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     with friendly_errors():
-        asyncio.run(run_service(settings))
+        accelerators.run(run_service(settings))  # uvloop when installed
 
 
 @main.group()

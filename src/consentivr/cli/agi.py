@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 import click
 
+from consentivr import accelerators
 from consentivr.cli import config_option, friendly_errors, settings_from
 
 DEFAULT_LISTEN = "127.0.0.1:4573"
@@ -52,4 +52,4 @@ def agi(config_path: str, listen: tuple[str, int], verbose: bool) -> None:
     )
     host, port = listen
     with friendly_errors():
-        asyncio.run(serve(settings, host, port))
+        accelerators.run(serve(settings, host, port))  # uvloop when installed
