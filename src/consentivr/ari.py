@@ -48,6 +48,9 @@ PROBE_TIMEOUT = 2.0  # seconds: Asterisk answers in about a millisecond, or neve
 # Query characters sent as they are, as aiohttp does over HTTP. Over the websocket
 # Asterisk does not read "+" as a space, so spaces and "+" are always %-encoded.
 _QUERY_SAFE = ":,/@"
+# Most ids, names and values need no quoting: skip urllib's quote() (a few µs each).
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~:,/@-]*")
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
 _CLOSED: Any = object()  # the events queue's end marker
 
 
@@ -191,7 +194,7 @@ class AriClient:
                           params: Params | None, body: Any, ok_missing: bool) -> Any:
         uri = path[1:] if path.startswith("/") else path
         if params:
-            uri += "?" + "&".join(f"{quote(k, safe=_QUERY_SAFE)}={quote(str(v), safe=_QUERY_SAFE)}"
+            uri += "?" + "&".join(f"{_query_quote(k)}={_query_quote(str(v))}"
                                   for k, v in params.items())
         timeout = self.settings.timeout
         try:
@@ -497,7 +500,11 @@ def _seg(value: str) -> str:
     text = str(value)
     if not text.strip("."):
         raise AriError(f"refusing the id {text!r} in an ARI path")
-    return quote(text, safe="")
+    return text if _PLAIN_SEGMENT.fullmatch(text) else quote(text, safe="")
+
+
+def _query_quote(text: str) -> str:
+    return text if _PLAIN_QUERY.fullmatch(text) else quote(text, safe=_QUERY_SAFE)
 
 
 def _message(text: str) -> str:
