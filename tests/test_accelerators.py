@@ -93,3 +93,103 @@ def test_the_cli_starts_without_the_extra() -> None:
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "consentivr" in proc.stdout
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_ami_connection_lost_before_panoramisk_attaches_still_reconnects(
+    loop: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop can report an AMI connection lost before panoramisk's Manager has
+    attached itself to it (found by the chaos suite: tracebacks, and no reconnect).
+    Here that order is forced on a real socket: the loss must reach the Manager
+    once it attaches, and it must connect again."""
+    from consentivr.ami import AmiProtocol, _Connection
+
+    if loop == "uvloop" and accelerators.optional("uvloop") is None:
+        pytest.skip("uvloop is not installed (the consentivr[fast] extra)")
+    if loop == "asyncio":
+        monkeypatch.setattr(accelerators, "optional", lambda name: None)
+
+    async def main() -> int:
+        accepted = 0
+        first_closed = asyncio.Event()
+
+        async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            writer.close()
+
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        manager = _Connection("test", loop=asyncio.get_running_loop(), host="127.0.0.1",
+                              port=port, username="u", secret="p", reconnect_timeout=0)
+        running = asyncio.get_running_loop()
+
+        class Watched(AmiProtocol):  # type: ignore[misc]
+            def connection_lost(self, exc: BaseException | None) -> None:
+                super().connection_lost(exc)
+                first_closed.set()
+
+        connected = running.create_future()
+        connected.set_result(await running.create_connection(Watched, "127.0.0.1", port))
+        await asyncio.wait_for(first_closed.wait(), 5)  # lost, with no Manager attached
+        manager.connection_made(connected)  # panoramisk attaches only now
+        for _ in range(100):
+            if accepted >= 2:
+                break
+            await asyncio.sleep(0.02)
+        manager.close()
+        server.close()
+        return accepted
+
+    caplog.set_level("INFO")
+    accepted = accelerators.run(main())
+    assert accepted >= 2, "the Manager must connect again after the early loss"
+    tracebacks = [r for r in caplog.records if r.exc_info or "Exception in callback" in r.message]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_ami_reconnects_without_tracebacks_on_either_loop(
+    loop: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An AMI server that drops every connection at once (the chaos suite's AMI drop).
+
+    On uvloop panoramisk learned of the loss before it had attached itself to the
+    connection: it logged tracebacks and never reconnected. Found by the chaos suite.
+    """
+    from consentivr.ami import AmiPool
+    from consentivr.config import AmiSettings
+
+    if loop == "uvloop" and accelerators.optional("uvloop") is None:
+        pytest.skip("uvloop is not installed (the consentivr[fast] extra)")
+    if loop == "asyncio":
+        monkeypatch.setattr(accelerators, "optional", lambda name: None)
+
+    async def main() -> tuple[int, str]:
+        accepted = 0
+
+        async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            writer.close()
+
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = AmiPool(AmiSettings(host="127.0.0.1", port=port, username="u", password="p",
+                                   connections=1, timeout=1))
+        await pool.connect()
+        for _ in range(100):
+            if accepted >= 3:
+                break
+            await asyncio.sleep(0.05)
+        pool.close()
+        server.close()
+        return accepted, type(asyncio.get_running_loop()).__module__
+
+    caplog.set_level("INFO")
+    accepted, module = accelerators.run(main())
+    assert module.startswith(loop)
+    assert accepted >= 3, "the AMI connection must keep trying to reconnect"
+    tracebacks = [r for r in caplog.records if r.exc_info or "Exception in callback" in r.message]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
