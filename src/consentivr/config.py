@@ -56,6 +56,9 @@ class AriSettings:
     app: str = DEFAULT_APP
     connections: int = 20  # REST pool: well below http.conf sessionlimit (100)
     timeout: float = 10.0  # seconds for any one REST call
+    # REST calls as RESTRequest messages on the events websocket (Asterisk 22.3+,
+    # 21.8+, 20.13+): auto = when the server answers a probe at connect; on; off = HTTP.
+    rest_over_websocket: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -1040,7 +1043,7 @@ def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRE
 def _ari(f: Field, resolve: bool = True) -> AriSettings | None:
     fields = f.mapping(required=("url", "username"),
                        optional=("password", "password_env", "password_file", "app",
-                                 "connections", "timeout"))
+                                 "connections", "timeout", "rest_over_websocket"))
     if fields is None:
         return None
     url = fields["url"].string() if "url" in fields else None
@@ -1052,11 +1055,22 @@ def _ari(f: Field, resolve: bool = True) -> AriSettings | None:
     app = fields["app"].name() if "app" in fields else DEFAULT_APP
     conns = fields["connections"].integer(1, 80) if "connections" in fields else 20
     timeout = fields["timeout"].seconds() if "timeout" in fields else 10.0
-    if None in (url, user, password, app, conns, timeout):
+    over_ws = (_auto_on_off(fields["rest_over_websocket"]) if "rest_over_websocket" in fields
+               else "auto")
+    if None in (url, user, password, app, conns, timeout, over_ws):
         return None
     return AriSettings(url=str(url).rstrip("/").removesuffix("/ari"), username=str(user),
                        password=str(password), app=str(app), connections=int(conns or 1),
-                       timeout=float(timeout or 1))
+                       timeout=float(timeout or 1), rest_over_websocket=str(over_ws))
+
+
+def _auto_on_off(f: Field) -> str | None:
+    # Read the raw scalar: YAML 1.1 turns an unquoted on/off into a boolean.
+    text = f.node.value if isinstance(f.node, yaml.ScalarNode) else None
+    if isinstance(text, str) and text.lower() in ("auto", "on", "off"):
+        return text.lower()
+    f.error("expected auto, on or off")
+    return None
 
 
 def _ami(f: Field, resolve: bool = True) -> AmiSettings | None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from panoramisk import Manager
 
+from consentivr.ami import AmiProtocol
 from consentivr.config import Settings
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.features import NOTE_PREFIX
@@ -114,6 +115,7 @@ class RecordingListener:
             loop=loop, host=ami.host, port=ami.port, username=ami.username,
             secret=ami.password, events="call,user", encoding="utf8", reconnect_timeout=1,
             ping_delay=10, on_login=self._on_login, on_disconnect=self._on_disconnect,
+            protocol_factory=AmiProtocol,
         )
         for name in EVENTS:
             self._manager.register_event(name, self._on_event)

@@ -6,7 +6,6 @@ here and only here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tempfile
@@ -114,12 +113,13 @@ def serve(config_path: str, verbose: bool, log_format: str | None) -> None:
       consentivr serve --config /etc/consentivr/config.yaml
       consentivr serve --log-format json 2>&1 | jq 'select(.event == "decision")'
     """
+    from consentivr import accelerators
     from consentivr.service import serve as run_service
 
     settings = settings_from(config_path, secrets=("ari", "ami"), require=("ari",))
     setup_logging(log_format, verbose)
     with friendly_errors():
-        asyncio.run(run_service(settings))
+        accelerators.run(run_service(settings))  # uvloop when installed
 
 
 @main.group()
