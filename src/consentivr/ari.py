@@ -402,7 +402,7 @@ class AriClient:
 
     async def events(
         self, app: str, on_connect: Callable[[], Awaitable[None]] | None = None,
-        max_backoff: float = 5.0,
+        max_backoff: float = 5.0, on_lost: Callable[[str], None] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield this app's events forever, reconnecting with backoff.
 
@@ -410,7 +410,8 @@ class AriClient:
         can take back channels left in Stasis while it was away. A reader task owns
         the websocket: it hands RESTResponses to the requests waiting for them (they
         never reach the caller), so REST calls get answers even while the caller is
-        busy, and queues the events.
+        busy, and queues the events. ``on_lost(why)`` is told when the connection goes
+        away or cannot be made (health: ARI down).
         """
         url = f"{self.settings.url}/ari/events"
         delay = 0.2
@@ -446,6 +447,8 @@ class AriClient:
                             await reader
                 lost_at = loop.time()
                 log.warning("ARI events connection for app %s lost; reconnecting", app)
+                if on_lost is not None:
+                    on_lost("ARI events connection lost; reconnecting")
             except (aiohttp.ClientError, TimeoutError, OSError, AriError) as exc:
                 if lost_at is None:
                     lost_at = loop.time()
@@ -456,6 +459,8 @@ class AriClient:
                         why += ", check the ARI username and password"
                 log.warning("ARI events for app %s unavailable (%s), down %.0fs; "
                             "retrying in %.1fs", app, why, loop.time() - lost_at, delay)
+                if on_lost is not None:
+                    on_lost(f"ARI unavailable ({why})")
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, max_backoff)
 

@@ -202,7 +202,9 @@ class Service:
 
     async def _pump_events(self, app: StasisApp) -> None:
         assert self.ari is not None and self.settings.ari is not None
-        async for event in self.ari.events(self.settings.ari.app, on_connect=self._on_connect):
+        async for event in self.ari.events(
+                self.settings.ari.app, on_connect=self._on_connect,
+                on_lost=lambda why: self.ops.metrics.component_up("ari", False, why)):
             try:
                 app.handle_event(event)
             except Exception:  # one bad event must never stop the service
