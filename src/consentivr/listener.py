@@ -37,6 +37,7 @@ from consentivr.tracker import (
 )
 from consentivr.withdrawal import (
     RecordingLog,
+    RecordingNotDeleted,
     Withdrawal,
     WithdrawalError,
     apply_withdrawal,
@@ -215,7 +216,11 @@ class RecordingListener:
         settings = self.settings
         try:
             result = await self._db_call(lambda lg: apply_withdrawal(
-                lg, settings.recordings.dir, key, by, at, settings.withdrawal.on_withdraw))
+                lg, settings.recordings.dir, key, by, at, settings.withdrawal.on_withdraw,
+                settings.recordings.previous_dirs))
+        except RecordingNotDeleted as exc:
+            log.error("%s", exc)
+            return
         except WithdrawalError as exc:
             log.warning("withdrawal not logged: %s", exc)
             return
