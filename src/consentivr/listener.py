@@ -239,7 +239,8 @@ class RecordingListener:
         path = (row or {}).get("recording_path")
         if path and Path(path).exists():
             outcome, detail = await asyncio.to_thread(
-                delete_recording, self.settings.recordings.dir, path)
+                delete_recording, self.settings.recordings.dir, path,
+                self.settings.recordings.previous_dirs)
             log.info("call %s: recording file reappeared after the withdrawal: %s %s",
                      call_id, outcome, detail)
 

@@ -223,8 +223,14 @@ class RecordingsDir:
     def is_empty(self) -> bool:
         if self.fd < 0:
             return True
-        with os.scandir(self.fd) as it:
-            return next(it, None) is None
+        # A new open file description: scandir on self.fd would share its read
+        # offset with the orphan walk running in another thread.
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            with os.scandir(fd) as it:
+                return next(it, None) is None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -39,9 +39,12 @@ _SEPARATORS = str.maketrans("", "", " \t.-()/")
 
 
 def normalise_number(text: str) -> str:
-    """The number as typed, trimmed; refuses text that cannot be a number at all."""
-    number = text.strip()
-    if not number.translate(_SEPARATORS) or not number.isprintable() or len(number) > 64:
+    """The number without separators; refuses text that cannot be a number at all.
+
+    The lookup then tries every spelling of it (:func:`subject_rows`).
+    """
+    number = text.translate(_SEPARATORS)
+    if not number or not number.isprintable() or len(number) > 64:
         raise ConsentivrError(f"--caller {one_line(text)}: expected a phone number, "
                               "e.g. +31201234567 or 020-123 4567")
     return number

@@ -198,7 +198,8 @@ class Testbed:
     async def _start_agi(self) -> None:
         settings = self.settings
         prepare_paths(settings)
-        key = load_or_create_key(settings.database, settings.caller_key)
+        key = load_or_create_key(settings.database, settings.caller_key,
+                                 settings.callers.default_region)
         path = settings.database
         self._agi_committer = GroupCommitter(lambda: ConsentLog(path, key))
         self.agi = AgiServer(settings, self._agi_committer)
