@@ -19,6 +19,7 @@ Parsing uses ``phonenumbers`` (the Python port of Google's libphonenumber).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def regions() -> frozenset[str]:
     return frozenset(phonenumbers.SUPPORTED_REGIONS)
 
 
+@functools.lru_cache(maxsize=4096)  # parsing costs ~25 us; the same callers call again
 def normalise(raw: str | None, region: str | None) -> Caller:
     """The caller as E.164, or why it is not a number.
 
