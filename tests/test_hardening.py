@@ -241,6 +241,14 @@ def test_m3_a_log_owned_by_another_user_is_refused(tmp_path: Path) -> None:
         open_database(db)
 
 
+def test_m3_a_log_writable_by_others_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "var" / "consent.db"
+    open_database(db).close()
+    os.chmod(db, 0o666)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        open_database(db)
+
+
 def test_m3_a_world_writable_parent_is_refused(tmp_path: Path) -> None:
     var = tmp_path / "var"
     var.mkdir()

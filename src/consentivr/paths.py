@@ -78,6 +78,17 @@ def check_parents(path: Path) -> None:
                 f"{show(path)}; chmod o-w {show(d)} (or move the file)")
 
 
+def check_not_writable_by_others(path: Path, what: str) -> None:
+    """Refuse a file that group or others may write (they could rewrite it)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(f"{show(path)}: the {what} is writable by group or others: "
+                         f"chmod 600 it")
+
+
 def check_owner(path: Path, what: str) -> None:
     """Refuse a file owned by someone other than us (or root, or the dir's owner).
 

@@ -37,7 +37,12 @@ import sqlite_utils
 from consentivr.callers import UNPARSEABLE, WITHHELD, normalise, spellings
 from consentivr.errors import StoreError
 from consentivr.flow import DecisionRecord
-from consentivr.paths import check_owner, check_parents, make_private_dir
+from consentivr.paths import (
+    check_not_writable_by_others,
+    check_owner,
+    check_parents,
+    make_private_dir,
+)
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -167,6 +172,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     make_private_dir(path.parent)
     check_parents(path)
     check_owner(path, "consent log")
+    check_not_writable_by_others(path, "consent log")
     try:
         if not path.exists():
             fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)

@@ -134,7 +134,8 @@ def config_check(config_path: str) -> None:
       consentivr config check --config config.example.yaml
     """
     settings = settings_from(config_path)
-    click.echo(f"{config_path}: OK ({len(settings.flows)} flow(s): {', '.join(settings.flows)})")
+    click.echo(f"{one_line(config_path)}: OK ({len(settings.flows)} flow(s): "
+               f"{', '.join(settings.flows)})")
 
 
 @main.group()
