@@ -169,10 +169,13 @@ def open_database(path: Path) -> sqlite3.Connection:
     Refuses a log in a world-writable dir or owned by another user (see
     :mod:`consentivr.paths`).
     """
-    make_private_dir(path.parent)
-    check_parents(path)
-    check_owner(path, "consent log")
-    check_not_writable_by_others(path, "consent log")
+    try:
+        make_private_dir(path.parent)
+        check_parents(path)
+        check_owner(path, "consent log")
+        check_not_writable_by_others(path, "consent log")
+    except StoreError as exc:
+        raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
     try:
         if not path.exists():
             fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
