@@ -95,6 +95,8 @@ recordings:
   dir: {workdir / "recordings"}
 prompts_dir: {prompts_dir}
 dialplan: [{dialplan_file}]
+callers:
+  default_region: NL
 """, encoding="utf-8")
     return path
 
@@ -388,7 +390,9 @@ def test_call_reaches_the_chosen_department(gemeente: Gemeente, who: Caller) -> 
                     (who.answers[0], "recording"), (who.answers[1], "callback")]
     # The version logged is the one derived from the built notice's hash.
     assert row["notice_version"] == bed.settings.flows["gemeente"].notice_version(who.language)
-    assert (row["caller_number"] == number) is (who.decisions["callback"] == "yes")
+    # The trunk sends a national number; the log keeps it as E.164 (callers.default_region).
+    e164 = "+31" + number.removeprefix("0")
+    assert (row["caller_number"] == e164) is (who.decisions["callback"] == "yes")
     if recording:
         assert row["recording_confirmed"] == 1
         path = Path(row["recording_path"])

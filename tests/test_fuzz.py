@@ -29,6 +29,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from consentivr.callers import WITHHELD, normalise
 from consentivr.config import load_settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import clean, clean_id
@@ -266,9 +267,12 @@ def test_hostile_channel_data_through_the_app_and_the_log(event: dict[str, Any],
                 assert RECORDING.fullmatch(Path(row["recording_path"]).name)
             assert row["uniqueid"] == event["channel"]["id"]
             number = clean(event["channel"]["caller"]["number"])
-            if row["caller_number"] is not None:  # only kept for a callback yes
-                assert row["caller_number"] == number
-            assert (row["caller_hash"] is None) == (not number)
+            caller = normalise(number, None)
+            if row["caller_number"] is not None:  # only kept for a callback yes, as E.164
+                assert row["caller_number"] == caller.e164
+            # Never in clear: a pseudonym, or a marker for withheld and garbage.
+            assert row["caller_hash"] is not None and (
+                row["caller_hash"] == WITHHELD) == (caller.kind == "withheld")
         for ident in ari.paths:
             assert clean_id(ident) == ident or ident.startswith(f"{event['channel']['id']}-p")
         # Nothing was created outside the work dir from channel data.
@@ -331,7 +335,9 @@ def test_the_consent_log_takes_cleaned_channel_data_as_parameters(
         finally:
             conn.close()
         assert count == 1, "the table is still there, with exactly our row"
-        assert stored == (clean(caller) or None, clean(name), clean(linkedid))
+        # The number is kept only as E.164; withheld or garbage never in clear.
+        expected = normalise(clean(caller) or None, None).e164
+        assert stored == (expected, clean(name), clean(linkedid))
 
 
 @pytest.mark.parametrize("raw", HOSTILE)

@@ -274,6 +274,8 @@ def test_a_recording_within_retention_is_never_deleted(env: Env) -> None:
 
 def test_a_missing_file_gets_its_row_marked_with_a_warning(env: Env) -> None:
     seq = env.call(file="")
+    # Another call's recording, not due: the dir is not an empty (unmounted) one.
+    env.call(file="live.wav", decided_at=REC_UNTIL)
     report = purge(env, REC_UNTIL)
     assert env.row(seq)["recording_purged_at"] is not None
     assert report.counts["recordings_missing"] == 1

@@ -188,7 +188,8 @@ def test_cli_callbacks_csv_and_json(env: Env) -> None:
     code, out, _ = run(callbacks_export, env, "--as-of", "2025-06-20")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["number"] for r in rows] == [BOB, ALICE]
+    # A leading + is a formula to a spreadsheet: neutralised with ' (OWASP).
+    assert [r["number"] for r in rows] == [f"'{BOB}", f"'{ALICE}"]
     assert set(rows[0]) == {"number", "call_id", "flow", "language", "decided_at",
                             "callback_until"}
     code, out, _ = run(callbacks_export, env, "--format", "json", "--as-of", "2025-06-20")

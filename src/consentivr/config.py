@@ -33,7 +33,14 @@ from consentivr.model import (
     menu_context,
 )
 from consentivr.prompts import built_digest, default_voice, read_manifest
-from consentivr.validation import Field, Problems, load_document
+from consentivr.text import one_line
+from consentivr.validation import (
+    Field,
+    Problems,
+    UnreadableFile,
+    load_document,
+    read_small_file,
+)
 from consentivr.wording import (
     KNOWN_LANGUAGES,
     NOT_RECORDED,
@@ -76,6 +83,16 @@ class RecordingSettings:
     dir: Path
     # MixMonitor options; 'b' records only while bridged to a person, not the menu.
     options: str = "b"
+    # Earlier spellings of dir (before it moved behind a symlink): log rows that
+    # name a file under one of these mean the same file under dir.
+    previous_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    """How caller numbers are read (see ``consentivr.callers``)."""
+
+    default_region: str | None = None  # ISO 3166, e.g. NL: reads national numbers
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,7 @@ class Settings:
     purge: PurgeSettings = field(default_factory=PurgeSettings)
     controller: Contact | None = None  # the art. 30 record (``consentivr report``)
     dpo: Contact | None = None
+    callers: CallerSettings = field(default_factory=CallerSettings)
 
     def flow_for(self, name: str | None) -> Flow | None:
         return self.flows.get(name or self.default_flow)
@@ -168,21 +186,48 @@ def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field,
             f.error(f"environment variable {value} is not set")
         return secret
     if key.endswith("_file"):
+        if _bad_path(f, value):
+            return None
         path = _path(f, value)
         try:
             mode = path.stat().st_mode
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                f.error(f"{path} is readable by others: chmod 600 it")
+                f.error(f"{one_line(str(path))} is readable by others: chmod 600 it")
                 return None
-            return path.read_text(encoding="utf-8").strip()
+            text = read_small_file(path, MAX_SECRET_BYTES)
         except OSError as exc:
-            f.error(f"cannot read {path}: {exc.strerror}")
+            f.error(f"cannot read {one_line(str(path))}: {exc.strerror}")
             return None
+        except UnreadableFile as exc:
+            f.error(f"{one_line(str(path))}: {exc}")
+            return None
+        assert isinstance(text, str)
+        return text.strip()
     return value
+
+
+MAX_SECRET_BYTES = 64 * 1024
+NAME_MAX = 255  # bytes in one file name (Linux)
+PATH_MAX = 4096
+
+
+def _bad_path(f: Field, value: str) -> bool:
+    """Record why a path cannot be a file name at all (NUL, too long); True if so."""
+    if "\0" in value:
+        f.error("a path cannot contain a NUL byte")
+        return True
+    encoded = os.fsencode(value)
+    if len(encoded) >= PATH_MAX or any(len(p) > NAME_MAX for p in encoded.split(b"/")):
+        f.error(f"a path may have at most {NAME_MAX} bytes in each name and {PATH_MAX - 1} "
+                "in all")
+        return True
+    return False
 
 
 def _path(f: Field, value: str) -> Path:
     base = Path(f.problems.file).resolve().parent
+    if "\0" in value:
+        value = value.replace("\0", "")  # reported by _bad_path; never reaches the OS
     return (base / os.path.expanduser(value)).resolve()
 
 
@@ -216,6 +261,10 @@ _CONTEXT = re.compile(r"[A-Za-z0-9_.+-]+")
 _EXTEN = re.compile(r"[A-Za-z0-9*#+][A-Za-z0-9*#+_-]*")
 _NUMBER = re.compile(r"[A-Za-z0-9*#+][A-Za-z0-9*#+-]*|_[A-Za-z0-9*#+.!\[\]-]+")
 _SPECIAL_EXTENS = ("a", "e", "h", "i", "o", "t", "T")
+# Asterisk keeps contexts and extensions in 80-byte buffers (AST_MAX_CONTEXT,
+# AST_MAX_EXTENSION), the NUL included: longer names are cut or refused.
+AST_MAX_CONTEXT = 79
+AST_MAX_EXTENSION = 79
 # The contexts `dialplan render` writes; a destination must not loop back into them.
 _GENERATED = (ENTRY_CONTEXT, flow_context(""), menu_context(""))
 # Paths Asterisk gets in Playback(a&b) and sound: URIs: nothing it would split on.
@@ -293,7 +342,9 @@ def _read_prompt(f: Field, scope: _Scope) -> _Raw | None:
     """A prompt is ``media`` (Asterisk sounds), ``file`` (the admin's recording) or ``text``."""
     if isinstance(f.node, yaml.ScalarNode):
         value = f.string()  # shorthand: one sound name
-        return _Raw(f, (_media(value),), None, None, None, None, False) if value else None
+        if value is None or not _playable(f, [value]):
+            return None
+        return _Raw(f, (_media(value),), None, None, None, None, False)
     fields = f.mapping(optional=PROMPT_KEYS)
     if fields is None:
         return None
@@ -322,6 +373,8 @@ def _read_prompt(f: Field, scope: _Scope) -> _Raw | None:
         if not values:
             fields["media"].error("expected at least one sound")
             return None
+        if not _playable(fields["media"], values):
+            return None
         return _Raw(f, tuple(_media(v) for v in values), transcript, transcript_field,
                     None, None, False)
     value = fields["file"].string()
@@ -342,11 +395,25 @@ def _read_prompt(f: Field, scope: _Scope) -> _Raw | None:
                 digest.hexdigest(), False)
 
 
+def _playable(f: Field, values: Sequence[str]) -> bool:
+    """Sound names the dialplan cannot split on (what ``dialplan render`` refuses)."""
+    for value in values:
+        uri = _media(value)
+        if uri.startswith("sound:") and not _SAFE_PATH.fullmatch(uri.removeprefix("sound:")):
+            f.error(f"sound {one_line(value)}: use letters, digits and . / _ - + = @ ~ "
+                    "(no spaces, commas, brackets or ${...})")
+            return False
+    return True
+
+
 def _sound_file(f: Field, value: str) -> tuple[Path, list[Path]] | None:
     """The sound file(s) a ``file:`` names: with a playable extension, or any such file."""
+    if _bad_path(f, value):
+        return None
     path = _path(f, value)
     if not _SAFE_PATH.fullmatch(str(path)):
-        f.error(f"{path}: a sound path may only have letters, digits and . / _ - + = @ ~")
+        f.error(f"{one_line(str(path))}: a sound path may only have letters, digits and "
+                ". / _ - + = @ ~")
         return None
     suffix = path.suffix[1:]
     if suffix in AUDIO_EXTENSIONS:
@@ -545,13 +612,16 @@ def _languages(f: Field) -> tuple[str, ...]:
 
 def _numbers(f: Field, flow: str, scope: _Scope) -> tuple[str, ...]:
     items = f.items() if isinstance(f.node, yaml.SequenceNode) else [f]
-    numbers: list[str] = []
+    numbers: dict[str, None] = {}  # ordered, and a linear duplicate check
     for item in items:
         value = item.string()
         if value is None:
             continue
         if not _NUMBER.fullmatch(value) or value in _SPECIAL_EXTENS:
             item.error("expected a dialled number or an Asterisk pattern such as _0201234XXX")
+            continue
+        if len(value) > AST_MAX_EXTENSION:
+            item.error(f"at most {AST_MAX_EXTENSION} characters (Asterisk's extension limit)")
             continue
         if value in numbers:
             item.error(f"number '{value}' is listed twice")
@@ -561,7 +631,7 @@ def _numbers(f: Field, flow: str, scope: _Scope) -> tuple[str, ...]:
             item.error(f"number '{value}' already selects flow '{other}'")
             continue
         scope.numbers[value] = flow
-        numbers.append(value)
+        numbers[value] = None
     return tuple(numbers)
 
 
@@ -703,9 +773,15 @@ def _destination(f: Field, menus: Mapping[str, Menu | None],
     elif context is not None and context.startswith(_GENERATED):
         fields["context"].error(f"'{context}' is a generated context: use menu: for a menu")
         context = None
+    elif context is not None and len(context) > AST_MAX_CONTEXT:
+        fields["context"].error(f"at most {AST_MAX_CONTEXT} characters (Asterisk's limit)")
+        context = None
     exten = fields["exten"].string() if "exten" in fields else "s"
     if exten is not None and not _EXTEN.fullmatch(exten):
         fields["exten"].error("expected an extension such as 200, s or sales (no pattern)")
+        exten = None
+    elif exten is not None and len(exten) > AST_MAX_EXTENSION:
+        fields["exten"].error(f"at most {AST_MAX_EXTENSION} characters (Asterisk's limit)")
         exten = None
     priority = fields["priority"].integer(1, 100000) if "priority" in fields else 1
     if context is None or exten is None or priority is None:
@@ -805,6 +881,9 @@ def _parse_menus(f: Field, scope: _Scope) -> dict[str, Menu | None]:
     for name, mf in entries:
         if not _NAME.fullmatch(name):
             mf.error("menu names are letters, digits, '-' and '_'")
+        elif len(menu_context(name)) > AST_MAX_CONTEXT:
+            mf.error(f"the menu name is too long: its context {menu_context(name)} must have "
+                     f"at most {AST_MAX_CONTEXT} characters (Asterisk's limit)")
         elif scope.claim("menu", name, f, mf):
             names.add(name)
     drafts = {name: _menu_draft(mf, name, scope) for name, mf in entries if name in names}
@@ -900,6 +979,10 @@ def _parse_flows(root: Field, scope: _Scope,
         if not _NAME.fullmatch(name):
             f.error("flow names are letters, digits, '-' and '_'")
             continue
+        if len(flow_context(name)) > AST_MAX_CONTEXT:
+            f.error(f"the flow name is too long: its context {flow_context(name)} must have "
+                    f"at most {AST_MAX_CONTEXT} characters (Asterisk's limit)")
+            continue
         if not scope.claim("flow", name, root, f):
             continue
         flow = _parse_flow(f, name, scope, menus)
@@ -963,7 +1046,7 @@ def load_flow_file(path: Path, prompts_dir: Path,
 _TOP_KEYS = (
     "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
     "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
-    "recovery", "withdrawal", "metrics", "purge", "controller", "dpo",
+    "recovery", "withdrawal", "metrics", "purge", "controller", "dpo", "callers",
 )
 
 
@@ -1023,6 +1106,7 @@ def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRE
     metrics = _metrics(fields["metrics"]) if "metrics" in fields else None
     purge = _purge(fields["purge"]) if "purge" in fields else PurgeSettings()
     contacts = {k: _contact(fields[k]) for k in ("controller", "dpo") if k in fields}
+    callers = _callers(fields["callers"]) if "callers" in fields else CallerSettings()
     lines = problems.sorted() + extra_problems
     if lines:
         raise ConfigError(lines)
@@ -1037,7 +1121,27 @@ def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRE
         withdrawal=withdrawal or WithdrawalSettings(),
         metrics=metrics, purge=purge or PurgeSettings(),
         controller=contacts.get("controller"), dpo=contacts.get("dpo"),
+        callers=callers or CallerSettings(),
     )
+
+
+
+def _callers(f: Field) -> CallerSettings | None:
+    from consentivr.callers import regions
+
+    fields = f.mapping(optional=("default_region",))
+    if fields is None:
+        return None
+    if "default_region" not in fields:
+        return CallerSettings()
+    value = fields["default_region"].string()
+    if value is None:
+        return None
+    if value.upper() not in regions():
+        fields["default_region"].error(
+            "expected an ISO 3166 region code that has a numbering plan, e.g. NL, BE, DE, GB")
+        return None
+    return CallerSettings(default_region=value.upper())
 
 
 def _ari(f: Field, resolve: bool = True) -> AriSettings | None:
@@ -1093,7 +1197,7 @@ def _ami(f: Field, resolve: bool = True) -> AmiSettings | None:
 
 
 def _recordings(f: Field) -> RecordingSettings | None:
-    fields = f.mapping(required=("dir",), optional=("dir", "options"))
+    fields = f.mapping(required=("dir",), optional=("dir", "options", "previous_dirs"))
     if fields is None or "dir" not in fields:
         return None
     value = fields["dir"].string()
@@ -1103,7 +1207,22 @@ def _recordings(f: Field) -> RecordingSettings | None:
     if not options.isalnum() and options != "":
         fields["options"].error("expected MixMonitor option letters, e.g. b")
         return None
-    return RecordingSettings(dir=_path(fields["dir"], value), options=options)
+    previous: list[str] = []
+    for item in (fields["previous_dirs"].items() if "previous_dirs" in fields else []):
+        old = item.string()
+        if old is None:
+            continue
+        if not old.startswith("/") or "\0" in old:
+            item.error("expected an absolute path, as the old log rows spell it")
+            continue
+        # As spelled, not resolved: the rows hold the old spelling, symlinks and all.
+        previous.append(os.path.normpath(old))
+    # Not resolved: the dir may be a symlink to a volume, and a symlink that
+    # dangles (the volume not mounted) must still name the same dir. The purge
+    # reads rows under the resolved spelling too (RecordingsDir).
+    base = Path(fields["dir"].problems.file).resolve().parent
+    spelled = Path(os.path.normpath(base / os.path.expanduser(value)))
+    return RecordingSettings(dir=spelled, options=options, previous_dirs=tuple(previous))
 
 
 _FEATURE_KEYS = re.compile(r"[0-9*#A-D]{2,8}")

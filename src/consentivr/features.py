@@ -159,8 +159,12 @@ DEFAULT_FEATURES_CONF = Path("/etc/asterisk/features.conf")
 
 def check_features_file(path: Path, code: str) -> list[str]:
     """:func:`check_feature_clash` on a file; a file that cannot be read is a problem."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        return [f"{path}: cannot read: {exc.strerror}"]
-    return check_feature_clash(text, code, str(path))
+    from consentivr.text import one_line
+    from consentivr.validation import MAX_CONFIG_BYTES, UnreadableFile, read_small_file
+
+    try:  # regular files only, size-capped: a FIFO or a device never hangs the check
+        data = read_small_file(path, MAX_CONFIG_BYTES, binary=True)
+    except UnreadableFile as exc:
+        return [f"{one_line(str(path))}: {exc}"]
+    assert isinstance(data, bytes)
+    return check_feature_clash(data.decode("utf-8", "replace"), code, one_line(str(path)))

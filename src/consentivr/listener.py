@@ -38,6 +38,7 @@ from consentivr.tracker import (
 )
 from consentivr.withdrawal import (
     RecordingLog,
+    RecordingNotDeleted,
     Withdrawal,
     WithdrawalError,
     apply_withdrawal,
@@ -289,7 +290,11 @@ class RecordingListener:
         settings = self.settings
         try:
             result = await self._db_call(lambda lg: apply_withdrawal(
-                lg, settings.recordings.dir, key, by, at, settings.withdrawal.on_withdraw))
+                lg, settings.recordings.dir, key, by, at, settings.withdrawal.on_withdraw,
+                settings.recordings.previous_dirs))
+        except RecordingNotDeleted as exc:
+            log.error("%s", exc)
+            return
         except WithdrawalError as exc:
             log.warning("withdrawal not logged: %s", exc)
             return
@@ -310,7 +315,8 @@ class RecordingListener:
         path = (row or {}).get("recording_path")
         if path and Path(path).exists():
             outcome, detail = await asyncio.to_thread(
-                delete_recording, self.settings.recordings.dir, path)
+                delete_recording, self.settings.recordings.dir, path,
+                self.settings.recordings.previous_dirs)
             log.info("call %s: recording file reappeared after the withdrawal: %s %s",
                      call_id, outcome, detail)
 

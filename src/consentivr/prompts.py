@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from consentivr.errors import ConsentivrError
+from consentivr.errors import ConsentivrError, StoreError
 from consentivr.model import Flow, Menu, Prompt
+from consentivr.paths import make_private_dir
 
 MANIFEST = "manifest.json"
 SUFFIX = ".wav"
@@ -253,9 +254,11 @@ def build_prompts(
 def _render(item: TextPrompt) -> str:
     """Speak one text into its file; returns the file's SHA-256."""
     try:
-        item.path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PromptError(f"cannot create {item.path.parent}: {exc.strerror}") from None
+        # 0755 whatever the umask: Asterisk (another user) reads the prompts, which
+        # are the public notice; no one but us may write there.
+        make_private_dir(item.path.parent, 0o755)
+    except StoreError as exc:
+        raise PromptError(str(exc)) from None
     with tempfile.TemporaryDirectory(prefix="consentivr-tts-") as tmp:
         spoken = Path(tmp) / "espeak.wav"
         converted = Path(tmp) / "out.wav"

@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from consentivr.errors import ConsentivrError, StoreError
+from consentivr.paths import make_private_dir
 from consentivr.store import PERSONAL_FIELDS, iso, open_database
+from consentivr.text import one_line
 
 DAY = 86400.0
 DEFAULT_GRACE = 300.0  # a file written within 5 minutes belongs to a live call
@@ -106,6 +108,19 @@ class PurgeBusy(ConsentivrError):
     """Another purge or erasure holds the lock."""
 
 
+class RecordingsUnavailable(StoreError):
+    """The recordings dir cannot be opened, or looks unmounted: nothing is marked."""
+
+
+# A run refuses (changes nothing more, exit 1) when at least MISSING_MIN of the
+# recordings it is due to delete are missing and they are at least MISSING_SHARE
+# of those checked: that is an unmounted volume, not a few lost files. An empty
+# recordings dir while recordings are due is refused at the first missing one.
+# ``--allow-missing`` overrides both, after the admin has checked.
+MISSING_MIN = 10
+MISSING_SHARE = 0.5
+
+
 # --- small helpers ----------------------------------------------------------------
 
 
@@ -138,8 +153,8 @@ def purge_lock(db_path: Path, wait: float = 0.0) -> Iterator[None]:
     """One purge or erasure at a time; a held lock also proves no run is alive."""
     lock_path = db_path.with_name(db_path.name + ".purge.lock")
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        make_private_dir(lock_path.parent)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise StoreError(f"{lock_path}: cannot open the purge lock: {exc.strerror}") from exc
     try:
@@ -161,7 +176,7 @@ def purge_lock(db_path: Path, wait: float = 0.0) -> Iterator[None]:
 
 def show_path(path: str) -> str:
     """A path as one printable line: odd names (newlines, quotes) are JSON-quoted."""
-    return path if path.isprintable() and '"' not in path else json.dumps(path)
+    return one_line(path)
 
 
 # --- safe file access -----------------------------------------------------------------
@@ -175,18 +190,47 @@ class RecordingsDir:
     """fd-relative, symlink-refusing access to files under the recordings dir.
 
     The configured dir itself is opened as given (an admin may point it at a
-    symlinked volume); nothing below it is followed.
+    symlinked volume); nothing below it is followed. A dir that is not there
+    (a symlink to a volume not mounted) is an error as soon as a file below it
+    is needed: never "every file is missing". ``previous`` are earlier spellings
+    of the dir (``recordings.previous_dirs``): a row naming a file under one of
+    them means the file under the dir.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, previous: Sequence[str] = ()) -> None:
         self.root = Path(root)
         self.prefix = str(self.root).rstrip("/") + "/"
+        # The dir as spelled, as resolved (rows written when the config loader
+        # resolved symlinks), and as it was spelled before (previous_dirs).
+        others = (os.path.realpath(self.root), *previous)
+        self.prefixes = tuple(dict.fromkeys(
+            [self.prefix, *(str(p).rstrip("/") + "/" for p in others)]))
+        self.fd = -1
         try:
             self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self.fd = -1  # no recordings yet: every file is missing
         except OSError as exc:
-            raise StoreError(f"{root}: cannot open the recordings dir: {exc.strerror}") from exc
+            self.open_error = exc.strerror or str(exc)
+        else:
+            self.open_error = ""
+
+    def need_root(self) -> None:
+        """Raise :class:`RecordingsUnavailable` if the dir could not be opened."""
+        if self.fd < 0:
+            raise RecordingsUnavailable(
+                f"{show_path(str(self.root))}: cannot open the recordings dir "
+                f"({self.open_error}; a volume not mounted?): nothing was marked deleted")
+
+    def is_empty(self) -> bool:
+        if self.fd < 0:
+            return True
+        # A new open file description: scandir on self.fd would share its read
+        # offset with the orphan walk running in another thread.
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            with os.scandir(fd) as it:
+                return next(it, None) is None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -204,9 +248,11 @@ class RecordingsDir:
         if "\0" in recording_path:
             raise UnsafePath("NUL in path")
         if recording_path.startswith("/"):
-            if not recording_path.startswith(self.prefix):
-                raise UnsafePath("outside the recordings dir")
-            rest = recording_path[len(self.prefix):]
+            prefix = next((p for p in self.prefixes if recording_path.startswith(p)), None)
+            if prefix is None:
+                raise UnsafePath("outside the recordings dir (an old spelling of it? see "
+                                 "recordings.previous_dirs)")
+            rest = recording_path[len(prefix):]
         else:
             rest = recording_path
         if "/" not in rest:  # the common case, <dir>/<call id>.wav
@@ -221,8 +267,7 @@ class RecordingsDir:
     @contextlib.contextmanager
     def parent(self, parts: Sequence[str]) -> Iterator[int]:
         """The fd of the file's directory, opening each level with O_NOFOLLOW."""
-        if self.fd < 0:
-            raise FileNotFoundError(errno.ENOENT, "no recordings dir")
+        self.need_root()
         if len(parts) == 1:
             yield self.fd  # the common case: <dir>/<call id>.wav
             return
@@ -244,7 +289,8 @@ class RecordingsDir:
                 os.close(fd)
 
     def lstat(self, parts: Sequence[str]) -> os.stat_result:
-        if len(parts) == 1 and self.fd >= 0:
+        self.need_root()
+        if len(parts) == 1:
             return os.lstat(parts[0], dir_fd=self.fd)  # fast path, no context manager
         with self.parent(parts) as dfd:
             return os.lstat(parts[-1], dir_fd=dfd)
@@ -255,18 +301,23 @@ class RecordingsDir:
         ``unlink`` never follows a symlink: if the name were swapped for a link
         since, the link itself would go, never its target.
         """
-        if len(parts) == 1 and self.fd >= 0:
+        self.need_root()
+        if len(parts) == 1:
             os.unlink(parts[0], dir_fd=self.fd)
             return
         with self.parent(parts) as dfd:
             os.unlink(parts[-1], dir_fd=dfd)
 
     def open_regular(self, parts: Sequence[str]) -> int:
-        """A read fd on a regular file, never through a symlink."""
+        """A read fd on a regular file, never through a symlink, never blocking.
+
+        ``O_NONBLOCK`` comes first: opening a FIFO for reading would otherwise wait
+        forever for a writer. It is cleared once the fd is known to be a file.
+        """
         with self.parent(parts) as dfd:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=dfd)
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise UnsafePath("a symlink") from exc
@@ -274,6 +325,7 @@ class RecordingsDir:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise UnsafePath("not a regular file")
+        os.set_blocking(fd, True)
         return fd
 
     def walk(self) -> Iterator[str]:
@@ -367,10 +419,13 @@ class Purger:
     """Runs purges and erasures against one consent log and recordings dir."""
 
     def __init__(self, conn: sqlite3.Connection, recordings: RecordingsDir,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, allow_missing: bool = False) -> None:
         self.conn = conn
         self.rec = recordings
         self.clock = clock  # wall clock: the in-progress and orphan graces use it
+        self.allow_missing = allow_missing
+        self._expected = 0  # due recordings checked that should have a file
+        self._missing = 0  # ... and were not there
 
     # -- runs --------------------------------------------------------------
 
@@ -387,7 +442,7 @@ class Purger:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def finish_run(self, report: PurgeReport) -> None:
+    def finish_run(self, report: PurgeReport, status: str | None = None) -> None:
         head = self.conn.execute(
             "SELECT seq, row_hash FROM calls ORDER BY seq DESC LIMIT 1").fetchone()
         summary = {"warnings": len(report.warnings), "problems": report.problems[:100],
@@ -397,7 +452,7 @@ class Purger:
             self.conn.execute(
                 f"UPDATE purge_runs SET finished_at=?, status=?, head_seq=?, head_hash=?, "
                 f"summary=?, {sets} WHERE id=?",
-                (iso(self.clock()), "problems" if report.problems else "done",
+                (iso(self.clock()), status or ("problems" if report.problems else "done"),
                  head["seq"] if head else None, head["row_hash"] if head else None,
                  json.dumps(summary), report.counts["orphans_found"],
                  report.counts["in_progress"], report.counts["refused"], report.run_id),
@@ -530,11 +585,32 @@ class Purger:
         # Inode order: neighbouring inodes share disk blocks, so unlinks go faster.
         batch.delete.sort(key=lambda item: inodes[item[0]])
         never = {r["seq"] for r in rows if r["recording_confirmed"] == 0}
+        self._check_missing(rows, batch, never)
         for seq, path in batch.missing:
             why = " (MixMonitor never started it)" if seq in never else ""
             report.warnings.append(
                 f"seq {seq}: recording {show_path(path)} is missing{why}; row marked purged")
         return batch
+
+    def _check_missing(self, rows: Sequence[sqlite3.Row], batch: _Batch,
+                       never: set[int]) -> None:
+        """Refuse before marking anything when the missing files look like a lost volume."""
+        missing = sum(1 for s, _ in batch.missing if s not in never)
+        self._expected += sum(1 for r in rows if r["seq"] not in never)
+        self._missing += missing
+        if self.allow_missing or not missing:
+            return
+        self.rec.need_root()
+        where = show_path(str(self.rec.root))
+        if self.rec.is_empty():
+            raise RecordingsUnavailable(
+                f"{where} is empty but {self._missing} due recording(s) are missing: a volume "
+                "not mounted? Nothing was marked; check, then run with --allow-missing")
+        if self._missing >= MISSING_MIN and self._missing >= MISSING_SHARE * self._expected:
+            raise RecordingsUnavailable(
+                f"{self._missing} of {self._expected} due recordings are missing from {where}: "
+                "a volume not mounted? Nothing more was marked; check, then run with "
+                "--allow-missing")
 
     @staticmethod
     def _dry(batch: _Batch, report: PurgeReport) -> list[int]:
@@ -614,7 +690,13 @@ class Purger:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlink") as pool:
             running: tuple[Future[None], _Batch] | None = None
             for rows in pages:
-                batch = self._plan(rows, report, grace)
+                try:
+                    batch = self._plan(rows, report, grace)
+                except RecordingsUnavailable:
+                    if running is not None:  # the page on its way is finished first
+                        running[0].result()
+                        self._complete(running[1], report)
+                    raise
                 self._intent(batch, report)
                 previous = running
                 if previous is not None:
@@ -682,28 +764,39 @@ class Purger:
 
     # -- orphans ---------------------------------------------------------------
 
-    def orphan_candidates(self) -> list[str]:
-        """Files under the dir that no unpurged row names, sorted.
+    def orphan_candidates(self, as_of: float | None = None) -> list[str]:
+        """Files under the dir that no row holds, sorted.
+
+        A row holds a file when it names it under any spelling of the dir
+        (``previous_dirs``), or when the file is named after the row's call id
+        (``<call id>.wav``) and the row is unpurged or its recording is still
+        within retention (``as_of``): a row whose path was written under an
+        old spelling, or marked missing while a volume was away, keeps its file.
 
         Runs in its own thread and connection, alongside the recordings pass: the
         files that pass deletes are named by their rows, so they are never
         candidates, whether they are still there or not.
         """
-        prefix = self.rec.prefix
         known: set[str] = set()  # ~100 bytes a live recording
+        call_ids: set[str] = set()
         conn = sqlite3.connect(f"{self._db_file()}?mode=ro", uri=True)
         try:
-            for (path,) in conn.execute(
-                "SELECT recording_path FROM calls INDEXED BY calls_recording_until "
+            for path, call_id in conn.execute(
+                "SELECT recording_path, call_id FROM calls INDEXED BY calls_recording_until "
                 "WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL"
             ):
-                if path.startswith(prefix):
-                    known.add(path[len(prefix):])  # '..' and the like match no entry
-                elif not path.startswith("/"):
-                    known.add(path)
+                call_ids.add(call_id)
+                # '..' and the like match no entry; the call id still may.
+                with contextlib.suppress(UnsafePath):
+                    known.add("/".join(self.rec.relative(path)))
+            if as_of is not None:
+                call_ids.update(cid for (cid,) in conn.execute(
+                    "SELECT call_id FROM calls WHERE recording_until > ? "
+                    "AND recording_purged_at IS NOT NULL", (iso(as_of),)))
         finally:
             conn.close()
-        return sorted(set(self.rec.walk()) - known)
+        return sorted(rel for rel in set(self.rec.walk()) - known
+                      if _call_id_of(rel) not in call_ids)
 
     def _db_file(self) -> str:
         row = self.conn.execute("PRAGMA database_list").fetchone()
@@ -712,10 +805,17 @@ class Purger:
     def orphans(self, report: PurgeReport, opts: PurgeOptions,
                 candidates: list[str] | None = None) -> None:
         if candidates is None:
-            candidates = self.orphan_candidates()
+            candidates = self.orphan_candidates(opts.as_of)
         now = self.clock()
         to_delete: list[tuple[tuple[str, ...], str]] = []
         for rel in candidates:
+            if not _is_utf8(rel):
+                # Not a name Asterisk wrote for us; it cannot go into the purge log as
+                # text either. A person should look at it.
+                report.counts["orphans_found"] += 1
+                report.problems.append(f"orphan {show_path(rel)}: its name is not UTF-8; "
+                                       "left alone")
+                continue
             parts = tuple(rel.split("/"))
             try:
                 st = self.rec.lstat(parts)
@@ -770,12 +870,23 @@ class Purger:
     def purge(self, opts: PurgeOptions, progress: Progress | None = None) -> PurgeReport:
         report = PurgeReport(run_id=None, as_of=opts.as_of, dry_run=opts.dry_run)
         report.run_id = self._current_run = self.start_run("purge", opts.as_of, opts.dry_run)
+        try:
+            self._purge(opts, report, progress)
+        except RecordingsUnavailable as exc:
+            report.problems.append(str(exc))
+            self.finish_run(report, status="refused")
+            raise
+        self.finish_run(report)
+        return report
+
+    def _purge(self, opts: PurgeOptions, report: PurgeReport,
+               progress: Progress | None) -> None:
         if not opts.dry_run:
             self.recover(report)
         (recordings, as_of), (redactions, cutoff), (callers, _) = _bounds(opts)
         tick = progress or (lambda n: None)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orphans") as pool:
-            scan = pool.submit(self.orphan_candidates)
+            scan = pool.submit(self.orphan_candidates, opts.as_of)
             # A dry run changes nothing, so it remembers what it would have purged.
             dry_purged: set[int] = set()
             dry_redacted: set[int] = set()
@@ -808,8 +919,19 @@ class Purger:
                 tick(len(rows))
             # 4. Orphans, listed meanwhile.
             self.orphans(report, opts, scan.result())
-        self.finish_run(report)
-        return report
+
+
+def _call_id_of(rel: str) -> str:
+    """The call id a recording file is named after: ``<dir>/<call id>.wav`` -> call id."""
+    return rel.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # (query, key column): each walks its own index in key order.
@@ -866,13 +988,18 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def run_purge(database: Path, recordings_dir: Path, opts: PurgeOptions,
-              progress: Progress | None = None) -> PurgeReport:
-    """Take the lock, open the log and the recordings dir, and purge."""
+              progress: Progress | None = None, previous_dirs: Sequence[str] = (),
+              allow_missing: bool = False) -> PurgeReport:
+    """Take the lock, open the log and the recordings dir, and purge.
+
+    Raises :class:`RecordingsUnavailable` (nothing marked) when the dir cannot be
+    opened or looks unmounted, unless ``allow_missing``.
+    """
     with purge_lock(database):
         conn = open_log(database)
         try:
-            with RecordingsDir(recordings_dir) as rec:
-                purger = Purger(conn, rec)
+            with RecordingsDir(recordings_dir, previous_dirs) as rec:
+                purger = Purger(conn, rec, allow_missing=allow_missing)
                 try:
                     return purger.purge(opts, progress)
                 except sqlite3.Error as exc:

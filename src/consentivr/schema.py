@@ -18,6 +18,10 @@ SCHEMA_ID = "https://consentivr.invalid/schema/dialplan.json"
 _LANGUAGE = r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"
 _NAME = r"^[A-Za-z0-9_-]+$"
 _DTMF = r"^[0-9*#]$"
+# Asterisk's 80-byte context and extension buffers (see config.AST_MAX_CONTEXT).
+_MAX = 79
+_FLOW_NAME_MAX = _MAX - len("consentivr-flow-")
+_MENU_NAME_MAX = _MAX - len("consentivr-menu-")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -58,7 +62,8 @@ def dialplan_schema() -> dict[str, Any]:
                 "additionalProperties": False,
                 "required": ["context"],
                 "properties": {
-                    "context": _text("a dialplan context", pattern=r"^[A-Za-z0-9_.+-]+$"),
+                    "context": _text("a dialplan context", pattern=r"^[A-Za-z0-9_.+-]+$",
+                                     maxLength=_MAX),
                     "exten": {"description": "the extension (default s)",
                               "type": ["string", "integer"]},
                     "priority": {"type": "integer", "minimum": 1, "maximum": 100000,
@@ -125,7 +130,7 @@ def dialplan_schema() -> dict[str, Any]:
             "retries": _ref("retries"),
         },
     }
-    number = {"type": ["string", "integer"],
+    number = {"type": ["string", "integer"], "maxLength": _MAX,
               "description": "a dialled number or an Asterisk pattern such as _0201234XXX"}
     flow = {
         "type": "object",
@@ -175,9 +180,10 @@ def dialplan_schema() -> dict[str, Any]:
         "properties": {
             "version": {"const": 1},
             "flows": {"type": "object", "minProperties": 1,
-                      "propertyNames": {"pattern": _NAME},
+                      "propertyNames": {"pattern": _NAME, "maxLength": _FLOW_NAME_MAX},
                       "additionalProperties": _ref("flow")},
-            "menus": {"type": "object", "propertyNames": {"pattern": _NAME},
+            "menus": {"type": "object",
+                      "propertyNames": {"pattern": _NAME, "maxLength": _MENU_NAME_MAX},
                       "additionalProperties": _ref("menu")},
         },
         "$defs": {

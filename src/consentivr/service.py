@@ -35,6 +35,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
+from consentivr.paths import make_private_dir
 from consentivr.recovery import lookup_in
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
@@ -57,9 +58,10 @@ class _NoRecorder:
 
 
 def prepare_paths(settings: Settings) -> None:
-    """Create the recordings dir 0700 and warn about a readable database."""
+    """Create the recordings dir 0700 (its missing parents too, whatever the umask) and
+    warn about a readable database."""
     rec = settings.recordings.dir
-    rec.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(rec, 0o700)
     with contextlib.suppress(OSError):
         os.chmod(rec, 0o700)
     if database_is_world_readable(settings.database):
@@ -143,7 +145,8 @@ class Service:
         metrics = self.ops.metrics
         await self.ops.start()  # a taken metrics port is an error before anything runs
         prepare_paths(settings)
-        key = load_or_create_key(settings.database, settings.caller_key)
+        key = load_or_create_key(settings.database, settings.caller_key,
+                                 settings.callers.default_region)
         redaction.install([key.key])
         lazy = LazyLog(settings.database, key)
         try:

@@ -34,8 +34,15 @@ from typing import Any
 
 import sqlite_utils
 
+from consentivr.callers import UNPARSEABLE, WITHHELD, normalise, spellings
 from consentivr.errors import StoreError
 from consentivr.messages import DecisionRecord
+from consentivr.paths import (
+    check_not_writable_by_others,
+    check_owner,
+    check_parents,
+    make_private_dir,
+)
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -124,22 +131,54 @@ def chain_hash(prev_hash: str, row: Mapping[str, Any], digest: str) -> str:
 
 @dataclass(frozen=True)
 class CallerKey:
-    """HMAC key that pseudonymises caller numbers in the log."""
+    """HMAC key that pseudonymises caller numbers in the log.
+
+    ``region`` (``callers.default_region``) reads national numbers: every number
+    is normalised to E.164 before it is hashed (see :mod:`consentivr.callers`).
+    """
 
     key: bytes
+    region: str | None = None
 
     def pseudonym(self, number: str | None) -> str | None:
+        """The HMAC of exactly this text (no normalisation): for lookups."""
         if not number:
             return None
-        return hmac.new(self.key, number.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self.key, number.encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).hexdigest()
+
+    def identify(self, raw: str | None) -> tuple[str, str | None]:
+        """What the log keeps of a caller: (pseudonym or marker, E.164 or None)."""
+        caller = normalise(raw, self.region)
+        if caller.e164 is not None:
+            return str(self.pseudonym(caller.e164)), caller.e164
+        if caller.kind == WITHHELD:
+            return WITHHELD, None
+        return f"{UNPARSEABLE}{self.pseudonym(caller.raw)}", None
+
+    def lookup_hashes(self, text: str) -> list[str]:
+        """Every caller_hash a row about this number may hold, in any spelling."""
+        forms = spellings(text, self.region)
+        hashes = [str(self.pseudonym(f)) for f in forms]
+        return hashes + [f"{UNPARSEABLE}{h}" for h in hashes]
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    """Open (creating 0600) the log in WAL mode with full durability."""
+    """Open (creating 0600, in a 0700 dir) the log in WAL mode with full durability.
+
+    Refuses a log in a world-writable dir or owned by another user (see
+    :mod:`consentivr.paths`).
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
+        check_parents(path)
+        check_owner(path, "consent log")
+        check_not_writable_by_others(path, "consent log")
+    except StoreError as exc:
+        raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
+    try:
         if not path.exists():
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
             os.close(fd)
         conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
@@ -159,21 +198,32 @@ def database_is_world_readable(path: Path) -> bool:
         return False
 
 
-def load_or_create_key(db_path: Path, configured: bytes | None) -> CallerKey:
-    """The configured key, else a random one kept 0600 next to the database."""
+def load_or_create_key(db_path: Path, configured: bytes | None,
+                       region: str | None = None) -> CallerKey:
+    """The configured key, else a random one kept 0600 next to the database.
+
+    ``region`` is ``callers.default_region``: the key normalises numbers with it.
+    A key file must be ours (or root's), 0600, and in a dir others cannot write.
+    """
     if configured:
-        return CallerKey(configured)
+        return CallerKey(configured, region)
     key_path = db_path.with_name(db_path.name + ".key")
+    make_private_dir(key_path.parent)
+    check_parents(key_path)
+    check_owner(key_path, "caller key")
     try:
-        if key_path.exists():
-            if key_path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if not os.path.lexists(key_path):
+            fd = os.open(key_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_hex(32).encode())
+        fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{key_path}: the caller key is not a regular file")
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise StoreError(f"{key_path}: the caller key is readable by others: chmod 600 it")
-            return CallerKey(key_path.read_bytes().strip())
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_hex(32).encode())
-        return CallerKey(key_path.read_bytes().strip())
+            return CallerKey(fh.read(4096).strip(), region)
     except OSError as exc:
         raise StoreError(f"{key_path}: cannot read or create the caller key: {exc}") from exc
 
@@ -194,14 +244,17 @@ class ConsentLog:
 
     def _row(self, rec: DecisionRecord) -> dict[str, Any]:
         callback_yes = rec.callback_until is not None
+        # The adapters pass the raw caller text: normalised here, before hashing.
+        caller_hash, e164 = self.caller_key.identify(rec.caller)
         return {
             "call_id": rec.call_id,
             "uniqueid": rec.channel_id,
             "linkedid": rec.linkedid,
             "channel": rec.channel_name,
-            "caller_hash": self.caller_key.pseudonym(rec.caller),
-            # The number in clear only for callers who asked to be called back.
-            "caller_number": rec.caller if callback_yes else None,
+            "caller_hash": caller_hash,
+            # The number in clear only for callers who asked to be called back,
+            # and only a real number (E.164): withheld or garbage is never kept.
+            "caller_number": e164 if callback_yes else None,
             "callback_until": iso(rec.callback_until) if rec.callback_until else None,
             "flow": rec.flow,
             "language": rec.language,
@@ -309,6 +362,16 @@ class ConsentLog:
             sql += f" LIMIT {int(limit)}"
         for row in self.conn.execute(sql):
             yield public_row(row)
+
+    def calls_of(self, number: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The calls of one caller, in any spelling the number was logged under."""
+        hashes = self.caller_key.lookup_hashes(number)
+        numbers = spellings(number, self.caller_key.region)
+        sql = (f"SELECT * FROM calls WHERE caller_hash IN ({','.join('?' * len(hashes))}) "
+               f"OR caller_number IN ({','.join('?' * len(numbers))}) ORDER BY seq DESC")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [public_row(r) for r in self.conn.execute(sql, (*hashes, *numbers))]
 
     def call(self, call_id: str) -> dict[str, Any] | None:
         row = self.conn.execute(

@@ -1,9 +1,10 @@
 """Data-subject rights: access (art. 15), erasure (art. 17) and the callback list.
 
 A caller is found by the HMAC pseudonym of their number (``caller_hash``), and by
-the clear number for the rows that still hold one. The number must be given as
-the PBX saw it (e.g. ``+31201234567``); spaces, dots, dashes and brackets are
-ignored.
+the clear number for the rows that still hold one. Any human spelling works
+(``06-1111 0002``, ``+31 6 1111 0002``, ``0031611110002``): rows are hashed from
+E.164 (see :mod:`consentivr.callers`), and rows written before that, hashed from
+whatever the trunk sent, are found by trying the old spellings too.
 """
 
 from __future__ import annotations
@@ -12,31 +13,40 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consentivr.callers import callback_number, spellings
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.model import Decision, Flow
+from consentivr.paths import make_private_dir
 from consentivr.retention import (
     DEFAULT_GRACE,
     Purger,
     PurgeReport,
     RecordingsDir,
+    RecordingsUnavailable,
     UnsafePath,
     open_log,
     purge_lock,
 )
 from consentivr.store import CallerKey, iso, public_row
+from consentivr.text import one_line
 
 _SEPARATORS = str.maketrans("", "", " \t.-()/")
 
 
 def normalise_number(text: str) -> str:
+    """The number without separators; refuses text that cannot be a number at all.
+
+    The lookup then tries every spelling of it (:func:`subject_rows`).
+    """
     number = text.translate(_SEPARATORS)
-    if not number or not number.isprintable():
-        raise ConsentivrError(f"--caller {text!r}: expected a phone number, e.g. +31201234567")
+    if not number or not number.isprintable() or len(number) > 64:
+        raise ConsentivrError(f"--caller {one_line(text)}: expected a phone number, "
+                              "e.g. +31201234567 or 020-123 4567")
     return number
 
 
@@ -64,10 +74,14 @@ def log_request(conn: sqlite3.Connection, kind: str, at: float) -> None:
 
 
 def subject_rows(conn: sqlite3.Connection, key: CallerKey, number: str) -> list[sqlite3.Row]:
-    """Every row about this number, oldest first."""
+    """Every row about this number, in any spelling it was logged under, oldest first."""
+    hashes = key.lookup_hashes(number)
+    numbers = spellings(number, key.region)
+    marks = ",".join("?" * len(hashes))
+    nmarks = ",".join("?" * len(numbers))
     return conn.execute(
-        "SELECT * FROM calls WHERE caller_hash = ? OR caller_number = ? ORDER BY seq",
-        (key.pseudonym(number), number),
+        f"SELECT * FROM calls WHERE caller_hash IN ({marks}) OR caller_number IN ({nmarks}) "
+        "ORDER BY seq", (*hashes, *numbers),
     ).fetchall()
 
 
@@ -91,7 +105,8 @@ class SubjectExport:
 
 
 def export_subject(conn: sqlite3.Connection, recordings_dir: Path, key: CallerKey,
-                   number: str, out: Path | None) -> SubjectExport:
+                   number: str, out: Path | None,
+                   previous_dirs: Sequence[str] = ()) -> SubjectExport:
     """Everything held about ``number``; with ``out``, also copies of the recordings."""
     rows = subject_rows(conn, key, number)
     export = SubjectExport(rows=[public_row(r) for r in rows], out=out)
@@ -99,7 +114,7 @@ def export_subject(conn: sqlite3.Connection, recordings_dir: Path, key: CallerKe
     if out is None:
         return export
     _make_out_dir(out)
-    with RecordingsDir(recordings_dir) as rec:
+    with RecordingsDir(recordings_dir, previous_dirs) as rec:
         for row in rows:
             path = row["recording_path"]
             if path is None or row["recording_purged_at"] is not None:
@@ -124,13 +139,30 @@ def export_subject(conn: sqlite3.Connection, recordings_dir: Path, key: CallerKe
 
 
 def _make_out_dir(out: Path) -> None:
+    """A new 0700 dir; an existing one only if empty, ours and not a symlink (made 0700).
+
+    Personal data must not land where another user can read it or has a link ready.
+    """
+    shown = one_line(str(out))
     try:
-        if out.exists() and any(out.iterdir()):
-            raise ConsentivrError(f"{out}: the export dir is not empty; give a new one")
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (out / "recordings").mkdir(mode=0o700, exist_ok=True)
+        if os.path.islink(out):
+            raise ConsentivrError(f"{shown}: the export dir is a symlink; give a new dir")
+        if out.exists():
+            st = out.stat()
+            if st.st_uid != os.geteuid():
+                raise ConsentivrError(f"{shown}: the export dir belongs to another user; "
+                                      "give a new one")
+            if any(out.iterdir()):
+                raise ConsentivrError(f"{shown}: the export dir is not empty; give a new one")
+        else:
+            make_private_dir(out.parent)
+            out.mkdir(mode=0o700)
+        os.chmod(out, 0o700)  # whatever the umask or the mode it was given with
+        (out / "recordings").mkdir(mode=0o700)
+        os.chmod(out / "recordings", 0o700)
     except OSError as exc:
-        raise ConsentivrError(f"{out}: cannot create the export dir: {exc.strerror}") from exc
+        raise ConsentivrError(f"{shown}: cannot create the export dir: {exc.strerror}") \
+            from exc
 
 
 def _copy(src: int, dest: Path) -> None:
@@ -160,26 +192,37 @@ def erase_plan(conn: sqlite3.Connection, key: CallerKey, number: str) -> ErasePl
 
 
 def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: str,
-                  grace: float = DEFAULT_GRACE, lock_wait: float = 30.0) -> PurgeReport:
+                  grace: float = DEFAULT_GRACE, lock_wait: float = 30.0,
+                  previous_dirs: Sequence[str] = (), allow_missing: bool = False
+                  ) -> PurgeReport:
     """Delete the number's recordings and redact its rows, in one erase run.
 
     The purge log keeps a tombstone: an ``erase`` run with the row numbers it
     erased, and nothing that points back to the person. A recording still being
     written (a call in progress) is left, with its row, and reported as a problem.
+    A recordings dir that cannot be opened, or looks unmounted, stops the erasure
+    before anything is changed (:class:`RecordingsUnavailable`).
     """
     with purge_lock(database, wait=lock_wait):
         conn = open_log(database)
         try:
-            with RecordingsDir(recordings_dir) as rec:
-                purger = Purger(conn, rec)
+            with RecordingsDir(recordings_dir, previous_dirs) as rec:
+                purger = Purger(conn, rec, allow_missing=allow_missing)
                 now = time.time()
                 report = PurgeReport(run_id=None, as_of=now, dry_run=False)
                 report.run_id = purger._current_run = purger.start_run("erase", now, False)
-                purger.recover(report)
                 rows = subject_rows(conn, key, number)
                 with_file = [r for r in rows if r["recording_path"] is not None
                              and r["recording_purged_at"] is None]
-                freed = set(purger.purge_recordings(with_file, report, False, grace))
+                try:
+                    if with_file:
+                        rec.need_root()
+                    purger.recover(report)
+                    freed = set(purger.purge_recordings(with_file, report, False, grace))
+                except RecordingsUnavailable as exc:
+                    report.problems.append(str(exc))
+                    purger.finish_run(report, status="refused")
+                    raise
                 kept = {r["seq"] for r in with_file} - freed
                 if report.counts["in_progress"]:
                     report.problems.append(
@@ -199,11 +242,13 @@ def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: 
 
 
 def callback_list(conn: sqlite3.Connection, flows: Mapping[str, Flow],
-                  as_of: float) -> list[dict[str, Any]]:
+                  as_of: float, region: str | None = None) -> list[dict[str, Any]]:
     """Callers who said yes to the callback and are within its retention, latest call each.
 
     A later call from the same number that did not say yes (or a withdrawal)
-    takes the number off the list: the latest decision wins.
+    takes the number off the list: the latest decision wins. Numbers are given
+    in E.164; a kept number that is not one (a row from before intake checks:
+    withheld, garbage, a formula) is never listed.
     """
     rows = conn.execute(
         "SELECT seq, call_id, caller_hash, caller_number, flow, language, decided_at, "
@@ -214,7 +259,10 @@ def callback_list(conn: sqlite3.Connection, flows: Mapping[str, Flow],
     ).fetchall()
     latest: dict[str, sqlite3.Row] = {}
     for row in rows:
-        latest[row["caller_number"]] = row
+        number = callback_number(row["caller_number"], region)
+        if number is not None:
+            latest.pop(number, None)  # re-inserted: the dict keeps the latest call's order
+            latest[number] = row
     result = []
     for number, row in latest.items():
         if _said_otherwise_later(conn, flows, row):

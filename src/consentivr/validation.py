@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import yaml
 
 from consentivr.errors import ConfigError
 from consentivr.model import DTMF_KEYS
+from consentivr.text import one_line, strip_controls
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -42,7 +45,8 @@ class Problems:
 
     def add_at(self, line: int, col: int, path: str, message: str) -> None:
         where = f"{path}: " if path else ""
-        self.lines.append(f"{self.file}:{line}:{col}: {where}{_one_line(message)}")
+        # The file name is quoted when odd: a newline in it must not forge a line.
+        self.lines.append(f"{one_line(self.file)}:{line}:{col}: {where}{_one_line(message)}")
         self._at.append((line, col))
 
     def sorted(self) -> list[str]:
@@ -57,19 +61,68 @@ class Problems:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    return strip_controls(" ".join(str(text).split()))
+
+
+# Config and dialplan files are small; 80,000 numbers fit in a few MiB. The cap
+# keeps a wrong path (a log file, a disk image) from eating all memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+class UnreadableFile(Exception):
+    """A file that is not a small regular UTF-8 text file; the message says why."""
+
+
+def read_small_file(path: Path, limit: int, *, binary: bool = False) -> str | bytes:
+    """Read a regular file of at most ``limit`` bytes, never blocking.
+
+    ``O_NONBLOCK`` comes first, so a FIFO is refused instead of waiting for a
+    writer; a device (``/dev/zero``) is not a regular file; a larger file is
+    refused before it is read. Raises :class:`UnreadableFile`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnreadableFile("file not found") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise UnreadableFile(f"cannot read file: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile("cannot read file: not a regular file")
+        if st.st_size > limit:
+            raise UnreadableFile(f"cannot read file: too large ({st.st_size} bytes; "
+                                 f"at most {limit})")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > limit:  # it grew since fstat
+                raise UnreadableFile(f"cannot read file: too large (at most {limit} bytes)")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UnreadableFile(f"cannot read file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if binary:
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(f"cannot read file: not UTF-8 text (byte {exc.start})") from None
 
 
 def load_document(path: Path, problems: Problems) -> Field | None:
     """Parse a YAML file into a ``Field`` for its root, or record why it can't."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        problems.add(None, "", "file not found")
+        text = read_small_file(path, MAX_CONFIG_BYTES)
+    except UnreadableFile as exc:
+        problems.add(None, "", str(exc))
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.add(None, "", f"cannot read file: {_one_line(str(exc))}")
-        return None
+    assert isinstance(text, str)
     return parse_text(text, problems)
 
 

@@ -19,12 +19,13 @@ import logging
 import sqlite3
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from consentivr.errors import AmiError, ConsentivrError, StoreError
-from consentivr.retention import RecordingsDir, UnsafePath
+from consentivr.retention import RecordingsDir, RecordingsUnavailable, UnsafePath
 from consentivr.store import iso, open_database, parse_iso
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ _COLUMNS = (
 
 class WithdrawalError(ConsentivrError):
     """A withdrawal that cannot be applied (unknown call, AMI unreachable...)."""
+
+
+class RecordingNotDeleted(WithdrawalError):
+    """The withdrawal is logged, but the recordings dir could not be opened."""
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,15 @@ class RecordingLog:
                     "AND recording_purged_at IS NULL", (iso(at), call_id))
 
 
-def delete_recording(recordings_dir: Path, path: str) -> tuple[str, str]:
+def delete_recording(recordings_dir: Path, path: str,
+                     previous_dirs: Sequence[str] = ()) -> tuple[str, str]:
     """Unlink one recording safely (no symlinks, nothing outside the dir).
 
-    Returns ``("deleted" | "gone" | "refused", detail)``.
+    Returns ``("deleted" | "gone" | "refused", detail)``. Raises
+    :class:`~consentivr.retention.RecordingsUnavailable` when the dir cannot be
+    opened: a file on a volume not mounted is not "gone".
     """
-    with RecordingsDir(recordings_dir) as rec:
+    with RecordingsDir(recordings_dir, previous_dirs) as rec:
         try:
             parts = rec.relative(path)
             if not stat.S_ISREG(rec.lstat(parts).st_mode):
@@ -168,10 +176,12 @@ def delete_recording(recordings_dir: Path, path: str) -> tuple[str, str]:
 
 
 def apply_withdrawal(log_: RecordingLog, recordings_dir: Path, call_id: str, by: str,
-                     at: float, on_withdraw: str) -> Withdrawal:
+                     at: float, on_withdraw: str,
+                     previous_dirs: Sequence[str] = ()) -> Withdrawal:
     """Log a withdrawal of ``call_id`` (or uniqueid) and apply ``on_withdraw`` to its file.
 
-    Raises :class:`WithdrawalError` for an unknown call.
+    Raises :class:`WithdrawalError` for an unknown call, and when the recordings
+    dir cannot be opened (the withdrawal is logged; the file is not marked gone).
     """
     if by not in WITHDRAWN_BY or on_withdraw not in ON_WITHDRAW:
         raise ValueError(f"by={by!r}, on_withdraw={on_withdraw!r}")
@@ -190,7 +200,11 @@ def apply_withdrawal(log_: RecordingLog, recordings_dir: Path, call_id: str, by:
         return Withdrawal(call_id, by, at, True, first, "gone")
     if on_withdraw == "keep":
         return Withdrawal(call_id, by, at, True, first, "kept")
-    outcome, detail = delete_recording(recordings_dir, path)
+    try:
+        outcome, detail = delete_recording(recordings_dir, path, previous_dirs)
+    except RecordingsUnavailable as exc:
+        raise RecordingNotDeleted(f"call {call_id}: withdrawal logged, but the recording was NOT "
+                              f"deleted: {exc}") from exc
     if outcome in ("deleted", "gone"):
         log_.purged(call_id, time.time())
     return Withdrawal(call_id, by, at, True, first, outcome, detail)
@@ -263,6 +277,6 @@ async def stop_recording(settings: Any, call_id: str, by: str = "agent",
     with RecordingLog(settings.database) as log_:
         result = await asyncio.to_thread(
             apply_withdrawal, log_, settings.recordings.dir, row["call_id"], by, at,
-            settings.withdrawal.on_withdraw)
+            settings.withdrawal.on_withdraw, settings.recordings.previous_dirs)
     log.info("%s", result.describe())
     return result, stopped

@@ -19,6 +19,7 @@ import click
 from consentivr import __version__
 from consentivr.config import Settings, load_settings
 from consentivr.errors import ConfigError, ConsentivrError
+from consentivr.text import one_line, strip_controls
 
 DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,14 +41,19 @@ def friendly_errors() -> Iterator[None]:
         yield
     except ConfigError as exc:
         for line in exc.problems[:-1]:
-            click.echo(f"Error: {line}", err=True)
-        raise click.ClickException(exc.problems[-1] if exc.problems else "invalid config") \
-            from None
+            click.echo(f"Error: {_safe(line)}", err=True)
+        raise click.ClickException(_safe(exc.problems[-1]) if exc.problems
+                                   else "invalid config") from None
     except ConsentivrError as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
+        raise click.ClickException(_safe(str(exc))) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}".strip(": ")) \
-            from None
+        name = one_line(os.fsdecode(exc.filename)) if exc.filename else ""
+        raise click.ClickException(f"{name}: {exc.strerror}".strip(": ")) from None
+
+
+def _safe(message: str) -> str:
+    """One line, no control bytes: messages quote paths, but never trust that alone."""
+    return " ".join(strip_controls(" ".join(message.split())).split())
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -142,7 +148,8 @@ def config_check(config_path: str) -> None:
       consentivr config check --config config.example.yaml
     """
     settings = settings_from(config_path, secrets=("ari", "ami"))  # check every secret
-    click.echo(f"{config_path}: OK ({len(settings.flows)} flow(s): {', '.join(settings.flows)})")
+    click.echo(f"{one_line(config_path)}: OK ({len(settings.flows)} flow(s): "
+               f"{', '.join(settings.flows)})")
 
 
 @main.group()
@@ -162,24 +169,33 @@ def _open_log(settings: Settings) -> Any:
     if not settings.database.exists():
         raise click.ClickException(f"{settings.database}: no consent log yet (no calls so far)")
     with friendly_errors():
-        return ConsentLog(settings.database, load_or_create_key(settings.database,
-                                                                settings.caller_key))
+        return ConsentLog(settings.database, load_or_create_key(
+            settings.database, settings.caller_key, settings.callers.default_region))
 
 
 @calls.command("list")
 @config_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-def calls_list(config_path: str, limit: int, as_json: bool) -> None:
+@click.option("--caller", "number", metavar="NUMBER",
+              help="Only this caller's calls; any spelling, e.g. '06-1111 0002'.")
+def calls_list(config_path: str, limit: int, as_json: bool, number: str | None) -> None:
     """List the newest calls and their decisions.
 
     \b
     Example:
       consentivr calls list --limit 10
       consentivr calls list --json | jq .decisions
+      consentivr calls list --caller '+31 6 1111 0002'
     """
     log = _open_log(settings_from(config_path))
-    rows = list(log.calls(limit=limit))
+    if number is not None:
+        from consentivr.subject import normalise_number
+
+        with friendly_errors():
+            rows = log.calls_of(normalise_number(number), limit=limit)
+    else:
+        rows = list(log.calls(limit=limit))
     if as_json:
         for row in rows:
             click.echo(json.dumps(_brief(row, full=True), sort_keys=True))

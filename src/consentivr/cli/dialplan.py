@@ -34,6 +34,7 @@ from consentivr.prompts import (
     up_to_date,
 )
 from consentivr.schema import dialplan_schema
+from consentivr.text import one_line, strip_controls
 
 DEFAULT_PROMPTS_DIR = "/var/lib/consentivr/prompts"
 
@@ -120,7 +121,7 @@ def check(files: tuple[Path, ...], config_path: str, prompts_dir: Path | None,
         sys.exit(1)
     if clashes:
         for line in clashes:
-            click.echo(line)
+            click.echo(strip_controls(line))
         sys.exit(1)
     click.echo(f"OK: {_summary(source)}")
 
@@ -169,12 +170,12 @@ def render_command(files: tuple[Path, ...], config_path: str, prompts_dir: Path 
             click.echo(text, nl=False)
         else:
             write_atomically(out, text)
-            click.echo(f"wrote {out}: {_summary(source)}", err=True)
+            click.echo(f"wrote {one_line(str(out))}: {_summary(source)}", err=True)
     missing = [p for p in text_prompts(source.flows.values(), source.menus.values())
                if not p.path.is_file()]
     if missing:
         click.echo(f"note: {len(missing)} text prompt(s) are not built yet, e.g. "
-                   f"{missing[0].path}: run consentivr prompts build", err=True)
+                   f"{one_line(str(missing[0].path))}: run consentivr prompts build", err=True)
 
 
 @dialplan.command("schema")
@@ -230,7 +231,7 @@ def build(files: tuple[Path, ...], config_path: str, prompts_dir: Path | None,
         else:
             result = build_prompts(items, source.prompts_dir, force=force)
     click.echo(f"{len(result.built)} built, {len(result.skipped)} up to date "
-               f"in {source.prompts_dir}")
+               f"in {one_line(str(source.prompts_dir))}")
 
 
 @prompts.command("list")
@@ -267,4 +268,4 @@ def list_prompts(files: tuple[Path, ...], config_path: str, prompts_dir: Path | 
             click.echo(json.dumps({"file": str(item.path), "voice": item.voice,
                                    "status": status, "text": item.text}, ensure_ascii=False))
         else:
-            click.echo(f"{status:8} {item.voice:6} {item.path}")
+            click.echo(f"{status:8} {item.voice:6} {one_line(str(item.path))}")

@@ -4,7 +4,8 @@ Exit codes (the same for every command here):
 
 \b
   0  done
-  1  could not run: bad config, unreadable log, I/O error, aborted
+  1  could not run: bad config, unreadable log, I/O error, aborted, or the
+     recordings dir cannot be opened or looks unmounted (nothing was marked)
   2  usage error (a bad option)
   3  ran, but something needs a person: a recording left alone (symlink,
      outside the dir, permission), a broken hash chain, an erasure left unfinished
@@ -34,6 +35,8 @@ from consentivr.errors import ConsentivrError, StoreError
 from consentivr.purgemetrics import recorded_purge
 from consentivr.retention import (
     DEFAULT_BATCH,
+    MISSING_MIN,
+    MISSING_SHARE,
     PurgeBusy,
     PurgeOptions,
     PurgeReport,
@@ -51,6 +54,7 @@ from consentivr.subject import (
     export_subject,
     normalise_number,
 )
+from consentivr.text import strip_controls
 
 DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
 EXIT_PROBLEMS = 3
@@ -124,7 +128,8 @@ def _progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[
 
 def _key(settings: Settings) -> CallerKey:
     with _errors():
-        return load_or_create_key(settings.database, settings.caller_key)
+        return load_or_create_key(settings.database, settings.caller_key,
+                                  settings.callers.default_region)
 
 
 def _echo_list(lines: list[str], prefix: str) -> None:
@@ -151,9 +156,13 @@ def _echo_list(lines: list[str], prefix: str) -> None:
               help="How old an orphan file must be before --delete-orphans removes it.")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=DEFAULT_BATCH,
               show_default=True, help="Rows per transaction.")
+@click.option("--allow-missing", is_flag=True,
+              help=f"Mark due recordings missing even when many are ({MISSING_MIN} or more "
+                   f"and {MISSING_SHARE:.0%} of those due) or the recordings dir is empty. "
+                   "Check the volume is mounted first.")
 def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float | None,
                   grace: float, delete_orphans: bool, orphan_grace: float,
-                  batch_size: int) -> None:
+                  batch_size: int, allow_missing: bool) -> None:
     """Delete recordings past retention and redact old consent-log rows.
 
     Recordings go when their purpose's retention has passed; log rows lose their
@@ -162,9 +171,14 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
     purpose ends. Every run, dry or not, is written to the purge log. Safe to run
     nightly from a timer (docs/retention.md has the rules).
 
+    A recordings dir that cannot be opened (a volume not mounted), or a large
+    share of due recordings missing at once, stops the run with exit 1 before
+    anything is marked; --allow-missing overrides the latter.
+
     \b
-    Exit codes: 0 done, 1 could not run, 2 usage, 3 something was left alone
-    (see the problems printed), 4 another purge is running.
+    Exit codes: 0 done, 1 could not run (or refused: recordings dir unavailable),
+    2 usage, 3 something was left alone (see the problems printed), 4 another
+    purge is running.
 
     \b
     Example:
@@ -183,10 +197,12 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
         bar_total = _count_due(settings, opts) if interactive else None
         with _progress(bar_total, "purging", quiet=not interactive) as tick:
             report = run_purge(settings.database, settings.recordings.dir, opts,
-                               progress=tick)
+                               progress=tick, previous_dirs=settings.recordings.previous_dirs,
+                               allow_missing=allow_missing)
         done(report)  # the node_exporter textfile (purge.metrics_file), if configured
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        # ASCII escapes: a file name that is not UTF-8 must not crash a strict locale.
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
         _print_purge(report)
     if report.problems:
@@ -307,7 +323,7 @@ def subject_group() -> None:
 @subject_group.command("export")
 @config_option
 @click.option("--caller", "number", required=True, metavar="NUMBER",
-              help="The caller's number as the PBX saw it, e.g. +31201234567.")
+              help="The caller's number in any spelling, e.g. +31201234567 or 020-123 4567.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Write subject.json and copies of the recordings here (a new dir).")
 def subject_export(config_path: str, number: str, out: Path | None) -> None:
@@ -326,25 +342,29 @@ def subject_export(config_path: str, number: str, out: Path | None) -> None:
         number = normalise_number(number)
         conn = open_log(settings.database)
         try:
-            export = export_subject(conn, settings.recordings.dir, key, number, out)
+            export = export_subject(conn, settings.recordings.dir, key, number, out,
+                                    settings.recordings.previous_dirs)
         finally:
             conn.close()
     if out is None:
-        click.echo(json.dumps(export.to_json(), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(export.to_json(), indent=2))
         return
     for path in export.missing:
         click.echo(f"warning: recording {show_path(path)} not found", err=True)
     click.echo(f"wrote {len(export.rows)} row(s) and {len(export.recordings)} recording(s) "
-               f"to {out}")
+               f"to {show_path(str(out))}")
 
 
 @subject_group.command("erase")
 @config_option
 @click.option("--caller", "number", required=True, metavar="NUMBER",
-              help="The caller's number as the PBX saw it, e.g. +31201234567.")
+              help="The caller's number in any spelling, e.g. +31201234567 or 020-123 4567.")
 @click.option("--yes", "assume_yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the erase run's report as JSON.")
-def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool) -> None:
+@click.option("--allow-missing", is_flag=True,
+              help="Erase even when the recordings dir is empty or most files are missing.")
+def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool,
+                  allow_missing: bool) -> None:
     """Erase a number's recordings and personal data now (GDPR art. 17).
 
     Rows keep their non-personal proof (decision, time, notice version) so the
@@ -352,7 +372,8 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
     numbers, nothing that points back to the person.
 
     \b
-    Exit codes: 0 erased (or nothing held), 1 aborted or could not run,
+    Exit codes: 0 erased (or nothing held), 1 aborted or could not run (the
+    recordings dir cannot be opened or looks unmounted: nothing was erased),
     3 a recording was still being written (erase again later), 4 a purge is running.
 
     \b
@@ -376,9 +397,11 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
         click.confirm(f"Erase {plan.rows} log row(s) and {plan.recordings} recording(s) "
                       "of this caller? This cannot be undone", abort=True, err=True)
     with _errors():
-        report = erase_subject(settings.database, settings.recordings.dir, key, number)
+        report = erase_subject(settings.database, settings.recordings.dir, key, number,
+                               previous_dirs=settings.recordings.previous_dirs,
+                               allow_missing=allow_missing)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
         _echo_list(report.warnings, "warning")
         _echo_list(report.problems, "problem")
@@ -413,7 +436,10 @@ def callbacks_export(config_path: str, fmt: str, as_of: float | None) -> None:
     """Callers who said yes to the callback and are within its retention.
 
     This is the list the quality team may call, and no one else: a later call
-    from the same number that did not say yes takes it off. One line per number.
+    from the same number that did not say yes takes it off. One line per number,
+    in E.164. The CSV quotes every field and prefixes a field starting with
+    = + - @ (a spreadsheet formula) with ' as OWASP advises, so numbers read
+    '+31201234567 there; the JSON has them plain.
 
     \b
     Example:
@@ -425,18 +451,31 @@ def callbacks_export(config_path: str, fmt: str, as_of: float | None) -> None:
     with _errors():
         conn = open_log(settings.database)
         try:
-            rows = callback_list(conn, settings.flows, when)
+            rows = callback_list(conn, settings.flows, when, settings.callers.default_region)
         finally:
             conn.close()
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(rows, indent=2))
         return
     buf = io.StringIO()
     fields = ["number", "call_id", "flow", "language", "decided_at", "callback_until"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    writer.writerow(fields)
+    writer.writerows([_csv_cell(row.get(f)) for f in fields] for row in rows)
     click.echo(buf.getvalue(), nl=False)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> str:
+    """One CSV field a spreadsheet shows as text (OWASP CSV injection).
+
+    Control bytes go (no CR to forge a row, no ESC for the terminal), and a
+    field that starts like a formula gets a leading ' so it is never evaluated.
+    """
+    text = strip_controls("" if value is None else str(value))
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
 
 
 COMMANDS = (purge_command, verify_command, subject_group, callbacks_group)
