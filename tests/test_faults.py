@@ -1009,6 +1009,8 @@ def test_ami_down_call_goes_on_unconfirmed_then_ami_comes_back(
         _, seen_down = await dest_for(bed, first.stasis_id)
         proxy.refuse = False
         await wait_for(lambda: pool.connected() > 0, 20, "AMI to come back")
+        # With AMI, consentivr hears the withdrawal key again: recording may start.
+        await wait_for(lambda: service.gate.reason is None, 20, "the withdrawal path")
         second = await bed.call()
         await answer_keys(bed, second, "11")
         await bed.wait_left_app(second)
@@ -1022,7 +1024,8 @@ def test_ami_down_call_goes_on_unconfirmed_then_ami_comes_back(
     down, up = rows(bed.settings.database)
     assert seen_down == "yes/no/yes/yes/en" and seen_up == "yes/yes/yes/yes/en"
     assert down["decisions"]["recording"] == "yes" and down["recording_confirmed"] == 0
-    assert "not connected" in down["recording_error"]
+    # With AMI down consentivr cannot hear the withdrawal key: no recording (issue 19).
+    assert "withdrawal key cannot be honoured" in down["recording_error"]
     assert up["recording_confirmed"] == 1
     assert {p.name for p in bed.recordings_dir.iterdir()} == {f"{up['call_id']}.wav"}
     assert "AMI connection to" in caplog.text and "AMI reconnected" in caplog.text
@@ -1255,7 +1258,7 @@ def test_asterisk_restart_service_reconnects_and_records_again(
 
     async def scenario(bed: Testbed) -> str | None:
         assert bed.service is not None and bed.service.pool is not None
-        pool = bed.service.pool
+        pool, service = bed.service.pool, bed.service
         call = await bed.call()
         await bed.wait_phase(call, Phase.NOTICE)
         bed.service.connected.clear()
@@ -1263,6 +1266,8 @@ def test_asterisk_restart_service_reconnects_and_records_again(
         await asyncio.wait_for(bed.service.connected.wait(), 30)
         await bed.wait_left_app(call, timeout=15)  # the reconcile ended the dead call
         await wait_for(lambda: pool.logins >= 2, 30, "AMI to log in again")
+        # Recording starts again once the withdrawal key is proven to work again.
+        await wait_for(lambda: service.gate.reason is None, 30, "the withdrawal path")
         # The caller's own websocket reconnects too; then a new call works.
         await wait_for(lambda: bed.caller.application(CALLER_APP), 30, "the caller app")
         call2 = await bed.call()
