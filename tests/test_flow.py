@@ -987,6 +987,8 @@ FLOWS: list[Flow] = [
     make_flow(purposes=standard_purposes(retries=0, recording_basis=Basis.PUBLIC_TASK)),
     make_flow(purposes=standard_purposes(retries=2)),
     make_flow(purposes=[]),
+    make_flow(help_keys=True),  # repeat (0) and more information (8)
+    make_flow(language_menu=True, help_keys=True, language_by_country={"49": "de"}),
 ]
 
 # One flat menu of operations: progress until a random phase (so random calls get as far
@@ -997,7 +999,7 @@ OPS = st.sampled_from(
         ("progress",),
         ("progress",),
         ("progress",),
-        *(("digit", digit) for digit in [YES, YES, NO, OBJECT, "0", "#"]),
+        *(("digit", digit) for digit in [YES, YES, NO, OBJECT, "0", "#", "8"]),
         ("played",),
         ("played_stale",),
         ("timer",),
@@ -1125,6 +1127,13 @@ def check_invariants(d: Driver) -> None:
                 assert log is not None and log.record.outcome == "timeout"
             if decision is Decision.OBJECTED:
                 assert (p.object_key, p.name) in pressed
+
+    # A help key is logged as help wherever it can be one, never as an answer.
+    for k in d.cf.keys:
+        if k.digit == flow.repeat_key and k.step != "language":
+            assert k.step.startswith("repeat:"), k
+        if k.digit == flow.more_info_key and k.step != "language":
+            assert k.step.startswith("more_info:"), k
 
     if log is not None:
         record = log.record
