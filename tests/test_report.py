@@ -615,3 +615,21 @@ def test_the_report_shows_who_took_the_callback_list(tmp_path: Path) -> None:
     assert f'data-callbacks-cleared="{data["numbers_cleared"]}"' in page
     for number in s.numbers:
         assert number not in page
+
+
+def test_a_notice_version_shows_its_more_information_part() -> None:
+    from consentivr.config import load_dialplans
+    from consentivr.logstats import NoticeUse
+    from consentivr.report import _notices
+
+    flow = load_dialplans([Path(__file__).parent.parent / "dialplan" / "gemeente.yaml"],
+                          Path("/p")).flows["gemeente"]
+
+    class Stats:
+        def notice_versions(self, period: Period) -> list[NoticeUse]:
+            return [NoticeUse("gemeente", "en", flow.notice_version("en"), 3, "a", "b")]
+
+    [entry] = _notices(Stats(), {"gemeente": flow}, Period(None, None))  # type: ignore[arg-type]
+    assert [p["step"] for p in entry["parts"]] == ["notice", "recording", "callback",
+                                                   "more_info"]
+    assert entry["parts"][-1]["text"].startswith("The municipality of Voorbeeldstad is")

@@ -276,6 +276,9 @@ def _notices(stats: LogStats, flows: Mapping[str, Flow],
         if current and flow is not None:
             entry["parts"] = [{"step": "notice", **_said(flow.notice[n.language])}] + [
                 {"step": p.name, **_said(p.question[n.language])} for p in flow.purposes]
+            if n.language in flow.more_info:  # part of the version: what a caller could hear
+                entry["parts"].append({"step": "more_info",
+                                       **_said(flow.more_info[n.language])})
         result.append(entry)
     return result
 
