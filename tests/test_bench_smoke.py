@@ -68,7 +68,7 @@ def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
         env["CONSENTIVR_TEST_ASTERISK_PID"] = str(pbx.pid() or "")
     out, took = run("calls", env)
     rows = table_rows(out)
-    modes = {"ARI", "dialplan"}
+    modes = {"ARI ws", "ARI http", "dialplan"}
     if importlib.util.find_spec("consentivr.agi") is not None:
         modes.add("FastAGI")
     assert set(rows) == modes
@@ -77,6 +77,13 @@ def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
     # consentivr's CPU is measured for both of its modes; the baseline has none.
     for mode in modes - {"dialplan"}:
         assert re.fullmatch(r"\d+\.\d\d", rows[mode][4]), rows[mode]
+    # The requests per call, by transport: each ARI row used only its own.
+    http, ws = (float(n) for n in rows["ARI ws"][11].split("/"))
+    assert ws > 0 and http == 0, rows["ARI ws"]
+    http, ws = (float(n) for n in rows["ARI http"][11].split("/"))
+    assert http > 0 and ws == 0, rows["ARI http"]
+    if "FastAGI" in rows:
+        assert float(rows["FastAGI"][12]) > 0, rows["FastAGI"]
     assert took < LIMIT
 
 

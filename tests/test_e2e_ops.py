@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.flow import Phase
 from consentivr.pbx import free_port
 from consentivr.testbed import LocalCall, Testbed, dialplan_for_tests, flow_yaml
@@ -111,3 +112,57 @@ def _status_is(port: int, status: int) -> Any:
         return got if got[0] == status else None
 
     return check
+
+
+async def _reconnect_ami(bed: Testbed) -> None:
+    """Drop the listener's AMI connection; it logs in again and checks the path anew."""
+    assert bed.service is not None and bed.service.recording_listener is not None
+    listener = bed.service.recording_listener
+    listener.checked.clear()
+    manager = listener._manager
+    assert manager is not None and manager.protocol is not None
+    manager.protocol.transport.close()
+    await asyncio.wait_for(listener.checked.wait(), 20)
+
+
+def test_no_recording_while_the_withdrawal_key_cannot_work(bed: Testbed) -> None:
+    """Issue 19: with the withdrawal feature missing, a yes is logged but nothing is
+    recorded, and /healthz says why; once it is back, recording starts again."""
+    withdrawal = bed.settings.withdrawal
+
+    async def scenario() -> tuple[str, dict[str, Any], str]:
+        await bed.start()
+        try:
+            port = _port(bed)
+            # The sysadmin forgot the features.conf include.
+            await asyncio.to_thread(bed.pbx.set_withdrawal, "",
+                                    withdraw_dialplan(withdrawal))
+            await _reconnect_ami(bed)
+            status, body = await _health(port)
+            assert status == 503
+            blocked = await _call(bed, "11")
+            await bed.hangup(blocked)
+            # Fixed: the include is back.
+            await asyncio.to_thread(bed.pbx.set_withdrawal, applicationmap(withdrawal),
+                                    withdraw_dialplan(withdrawal))
+            await _reconnect_ami(bed)
+            assert (await _health(port))[0] == 200
+            recorded = await _call(bed, "11")
+            db = bed.settings.database
+            await wait_for(lambda: len(rows(db)) == 2 and all(
+                r["recording_confirmed"] is not None for r in rows(db)), 20, "two marks")
+            await bed.hangup(recorded)
+            return blocked.stasis_id, body, recorded.stasis_id
+        finally:
+            await bed.stop()
+
+    blocked_id, body, recorded_id = asyncio.run(scenario())
+    assert "withdrawal key cannot be honoured" in json.dumps(body)
+    by_channel = {r["uniqueid"]: r for r in rows(bed.settings.database)}
+    blocked, recorded = by_channel[blocked_id], by_channel[recorded_id]
+    # The caller's yes is logged as given; nothing was recorded, and the log says why.
+    assert blocked["decisions"]["recording"] == "yes"
+    assert blocked["recording_path"] is None and blocked["recording_confirmed"] == 0
+    assert "withdrawal key cannot be honoured" in blocked["recording_error"]
+    assert recorded["recording_confirmed"] == 1
+    assert [p.name for p in bed.recordings_dir.iterdir()] == [f"{recorded['call_id']}.wav"]

@@ -36,6 +36,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.features import FEATURE_NAME
 from consentivr.stasis import StasisApp
 from consentivr.testbed import flow_yaml, help_flow_yaml
+from consentivr.withdrawalpath import RecordingGate
 from tests.fault_fixtures import FakeAri, FakeCommitter, FakeRecorder, settings_in, wait_for
 
 MODES = ("ari", "agi")
@@ -70,6 +71,7 @@ class Case:
     heard: tuple[str, ...] | None = None  # the sounds played, in order (None: not checked)
     language: str = "en"  # the committed row's language
     steps: tuple[str, ...] | None = None  # the committed row's key steps (None: not checked)
+    blocked: str | None = None  # the recording gate is closed for this reason
 
 
 YES_YES = {"recording": "yes", "callback": "yes"}
@@ -108,6 +110,9 @@ CASES = [
          {"recording": "yes", "callback": "no"}, recording="started", flow="help",
          caller="+4930123456", language="de",
          heard=("notice_de", "question_de", "question_de"), steps=("recording", "callback")),
+    # Issue 19: the withdrawal key cannot work, so a yes is logged but not recorded.
+    Case("withdrawal-path-broken", ("", "~1", "~1"), YES_YES,
+         blocked="withdrawal key cannot be honoured (feature: missing)"),
 ]
 
 
@@ -124,6 +129,7 @@ class Seen:
     heard: tuple[str, ...] = ()
     language: str | None = None
     steps: tuple[str, ...] = ()
+    marks: list[tuple[bool, str | None]] = field(default_factory=list)
 
 
 # --- ARI: the real StasisApp with a scripted fake ARI client ------------------------
@@ -169,7 +175,8 @@ def _dtmf(channel_id: str, digit: str) -> dict[str, Any]:
 async def run_ari(settings: Settings, case: Case, committer: FakeCommitter) -> Seen:
     ari = ScriptedAri(case.script)
     recorder = TriedRecorder(fail=case.recorder_fails)
-    app = StasisApp(settings, ari, recorder, ConsentWriter(committer, timeout=0.2))
+    app = StasisApp(settings, ari, recorder, ConsentWriter(committer, timeout=0.2),
+                    gate=RecordingGate(case.blocked))
     ari.app = app
     app.handle_event({
         "type": "StasisStart", "application": "consentivr", "args": [case.flow],
@@ -258,7 +265,7 @@ class ScriptedAsterisk:
 
 async def run_agi(settings: Settings, case: Case, committer: FakeCommitter) -> Seen:
     writer = ConsentWriter(committer, timeout=0.2)
-    server = AgiServer(settings, writer)
+    server = AgiServer(settings, writer, gate=RecordingGate(case.blocked))
     _host, port = await server.start("127.0.0.1", 0)
     peer = ScriptedAsterisk(case.script, case.recorder_fails, case.caller)
     try:
@@ -296,6 +303,7 @@ async def _settle(writer: ConsentWriter, committer: FakeCommitter, case: Case) -
         seen.steps = tuple(k.step for k in row.keys)
     # After the first attempt at the decision row (unless that failed outright).
     seen.late = tuple(k for k, _ in writes[0 if case.log_fails else 1:])
+    seen.marks = [p[1:3] for k, p in committer.written if k == "mark_recording"]
     return seen
 
 
@@ -334,6 +342,8 @@ def test_scenario(tmp_path: Path, mode: str, case: Case) -> None:
     assert (seen.variables.get("CONSENTIVR_RECORDING") == "yes") == recorded
     # The withdrawal key is armed exactly when the call is being recorded.
     assert (seen.variables.get("DYNAMIC_FEATURES") == FEATURE_NAME) == recorded
+    if case.blocked:  # the log says why the yes was not recorded
+        assert seen.marks == [(False, case.blocked)]
     if case.logged == "no":
         # Only a committed row may tell the dialplan that processing is allowed.
         assert {v for k, v in seen.variables.items()

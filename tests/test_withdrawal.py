@@ -465,8 +465,7 @@ def make_bed(pbx: Any, tmp_path_factory: pytest.TempPathFactory,
         bed = Testbed(pbx, work, flow_yaml(destination="cvrwd-dest", callback=False),
                       extra_config=f'withdrawal: {{keys: "*9", on_withdraw: {on_withdraw}}}\n',
                       mode=request.param)
-        pbx.set_dialplan(TEST_DIALPLAN + "\n" + withdraw_dialplan(bed.settings.withdrawal))
-        pbx.set_features(applicationmap(bed.settings.withdrawal))
+        pbx.set_dialplan(TEST_DIALPLAN)  # the bench installs the withdrawal parts
         return bed
 
     return make

@@ -23,11 +23,63 @@ from collections.abc import Mapping
 from typing import Any
 
 from panoramisk import Manager
+from panoramisk.ami_protocol import AMIProtocol
 
 from consentivr.config import AmiSettings
 from consentivr.errors import AmiError
 
 log = logging.getLogger(__name__)
+
+_NOT_LOST: Any = object()
+
+
+class _DropWhenClosing:
+    """A transport whose ``write`` after close is dropped, as asyncio's own transports
+    do (uvloop's raise, and panoramisk logs a traceback for each)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class AmiProtocol(AMIProtocol):  # type: ignore[misc]  # panoramisk is untyped
+    """panoramisk's protocol, safe on uvloop too (the ``fast`` extra).
+
+    On uvloop a connection can be reported lost before panoramisk's Manager has
+    attached itself to the protocol (``factory``): panoramisk then fails with a
+    traceback and never schedules its reconnect. Here such a loss is handed to the
+    Manager as soon as it attaches, the order asyncio's own loop gives.
+    Pass it as ``Manager(protocol_factory=AmiProtocol)``.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._lost_early: Any = _NOT_LOST
+        super().connection_made(_DropWhenClosing(transport))  # type: ignore[arg-type]
+
+    @property
+    def factory(self) -> Any:
+        return self.__dict__.get("_factory")
+
+    @factory.setter
+    def factory(self, manager: Any) -> None:
+        self.__dict__["_factory"] = manager
+        lost = self.__dict__.get("_lost_early", _NOT_LOST)
+        if manager is not None and lost is not _NOT_LOST:
+            self._lost_early = _NOT_LOST
+            # After the Manager's own connection_made has finished attaching.
+            asyncio.get_running_loop().call_soon(super().connection_lost, lost)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.factory is None and not self.closed:
+            self._lost_early = exc
+            return
+        super().connection_lost(exc)
 
 # Never replayed by panoramisk after a reconnect (see the module docstring).
 _OURS = ("ping", "login", "logoff", "mixmonitor", "stopmixmonitor", "mixmonitormute")
@@ -38,7 +90,7 @@ class _Connection(Manager):  # type: ignore[misc]  # panoramisk is untyped
     """One panoramisk connection with backoff, a login-refused log line and a clean close."""
 
     def __init__(self, name: str, **config: Any) -> None:
-        super().__init__(forgetable_actions=_OURS, **config)
+        super().__init__(forgetable_actions=_OURS, protocol_factory=AmiProtocol, **config)
         self.name = name
         self.closed = False
         self.delay = 0.5

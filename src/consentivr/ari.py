@@ -7,6 +7,10 @@ their pool, hard-code a tiny pool, or die on one network error.
 - REST calls share one connection pool, bounded well below ``sessionlimit``,
   and every call has a timeout.
 - One events websocket per app, reconnecting with capped exponential backoff.
+- REST calls go as ``RESTRequest`` messages on that websocket when the server takes
+  them (Asterisk 22.3+, 21.8+, 20.13+; ``ari.rest_over_websocket``): no HTTP request
+  and response per command. A probe at every connect decides; until it has answered,
+  and whenever the websocket is down, the same calls go over HTTP.
 - It decides nothing: the app layer maps events to the pure call flow.
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import contextlib
 import logging
 import random
 import re
@@ -24,6 +28,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from consentivr.accelerators import dumps, loads
 from consentivr.config import AriSettings
 from consentivr.errors import AriError
 
@@ -36,6 +41,25 @@ Params = Mapping[str, str | int | float]
 _ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARRAY_VALUE = re.compile(r"[A-Za-z0-9_.:/@+=~-]+")
 ARRAY_MAX = 50  # func_array takes up to 100 names
+
+REST_RESPONSE = "RESTResponse"
+PROBE_URI = "asterisk/info?only=build"
+PROBE_TIMEOUT = 2.0  # seconds: Asterisk answers in about a millisecond, or never
+# Query characters sent as they are, as aiohttp does over HTTP. Over the websocket
+# Asterisk does not read "+" as a space, so spaces and "+" are always %-encoded.
+_QUERY_SAFE = ":,/@"
+# Most ids, names and values need no quoting: skip urllib's quote() (a few µs each).
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~:,/@-]*")
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
+_CLOSED: Any = object()  # the events queue's end marker
+
+
+class _WebsocketLost(Exception):
+    """The events websocket went away before the answer came."""
+
+
+class _NotSent(_WebsocketLost):
+    """The websocket was closing: the request never left, so HTTP may send it."""
 
 
 def assignments(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -62,6 +86,13 @@ class AriClient:
     def __init__(self, settings: AriSettings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._socket: aiohttp.ClientWebSocketResponse | None = None  # the events websocket
+        self._rest_ws: aiohttp.ClientWebSocketResponse | None = None  # ...once it takes REST
+        self._probe: asyncio.Task[None] | None = None
+        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], object]] = {}
+        self._next_id = 0
+        # REST requests sent, by transport: the benchmark reports them per call.
+        self.requests = {"http": 0, "ws": 0}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -77,7 +108,21 @@ class AriClient:
             )
         return self._session
 
+    @property
+    def transport(self) -> str:
+        """Where REST calls go now: ``"websocket"`` or ``"http"``."""
+        return "http" if self._rest_ws is None else "websocket"
+
+    async def rest_transport(self) -> str:
+        """:attr:`transport` once the connect's probe (if any) has decided."""
+        while (probe := self._probe) is not None and not probe.done():
+            await asyncio.wait({probe})  # a new probe may replace a cancelled one
+        return self.transport
+
     async def close(self) -> None:
+        self._stop_probe()
+        if self._socket is not None:
+            self._websocket_gone(self._socket)
         if self._session is not None:
             await self._session.close()
 
@@ -95,16 +140,33 @@ class AriClient:
     ) -> Any:
         """One REST call. ``ok_missing``: a 404 is fine (e.g. stopping a finished playback).
 
-        A GET or DELETE that meets a dropped keep-alive connection (Asterisk restarted)
-        is tried once more on a fresh one; other methods are not, as they may have
-        taken effect.
+        On the events websocket when it takes REST requests, else over HTTP; the
+        answers and errors are the same either way. A GET or DELETE that meets a
+        dropped keep-alive connection (Asterisk restarted) or a lost websocket is tried
+        once more over HTTP; other methods are not, as they may have taken effect.
         """
+        ws = self._rest_ws
+        if ws is not None:
+            try:
+                return await self._ws_request(ws, method, path, params, body, ok_missing)
+            except _WebsocketLost as exc:
+                if method not in ("GET", "DELETE") and not isinstance(exc, _NotSent):
+                    raise AriError(f"ARI {method} {path}: the events websocket closed "
+                                   "before the answer") from exc
+        return await self._http_request(method, path, params, body, ok_missing)
+
+    async def _http_request(self, method: str, path: str, params: Params | None, body: Any,
+                            ok_missing: bool) -> Any:
         url = f"{self.settings.url}/ari{path}"
         query = {k: str(v) for k, v in (params or {}).items()}
+        data = None if body is None else dumps(body)
+        headers = None if body is None else {"Content-Type": "application/json"}
         attempts = 2 if method in ("GET", "DELETE") else 1
         for attempt in range(attempts):
+            self.requests["http"] += 1
             try:
-                async with self.session.request(method, url, params=query, json=body) as resp:
+                async with self.session.request(method, url, params=query, data=data,
+                                                headers=headers) as resp:
                     if resp.status == 404 and ok_missing:
                         return None
                     if resp.status >= 400:
@@ -113,8 +175,8 @@ class AriClient:
                             f"ARI {method} {path}: HTTP {resp.status} {_message(text)}")
                     if resp.status == 204:
                         return None
-                    text = await resp.text()
-                    return json.loads(text) if text else None
+                    raw = await resp.read()
+                    return loads(raw) if raw else None
             except TimeoutError as exc:
                 raise AriError(
                     f"ARI {method} {path}: no answer in {self.settings.timeout:g}s") from exc
@@ -127,6 +189,125 @@ class AriClient:
             except ValueError as exc:  # not JSON: a proxy or a broken server
                 raise AriError(f"ARI {method} {path}: the answer is not JSON") from exc
         raise AssertionError("unreachable")
+
+    async def _ws_request(self, ws: aiohttp.ClientWebSocketResponse, method: str, path: str,
+                          params: Params | None, body: Any, ok_missing: bool) -> Any:
+        uri = path[1:] if path.startswith("/") else path
+        if params:
+            uri += "?" + "&".join(f"{_query_quote(k)}={_query_quote(str(v))}"
+                                  for k, v in params.items())
+        timeout = self.settings.timeout
+        try:
+            answer = await self._exchange(ws, method, uri, body, timeout)
+        except TimeoutError as exc:
+            if self.settings.rest_over_websocket == "auto" and self._rest_ws is ws:
+                # Maybe the server stopped answering here (an event filter without
+                # RESTResponse): HTTP until a new probe says otherwise.
+                log.warning("ARI %s %s: no answer on the events websocket in %gs; "
+                            "REST goes over HTTP until a probe answers", method, path, timeout)
+                self._rest_ws = None
+                self._start_probe(ws)
+            raise AriError(f"ARI {method} {path}: no answer in {timeout:g}s") from exc
+        status = answer.get("status_code")
+        text = answer.get("message_body") or ""
+        if not isinstance(status, int):
+            raise AriError(f"ARI {method} {path}: a RESTResponse without a status")
+        if status == 404 and ok_missing:
+            return None
+        if status >= 400:
+            raise AriError(f"ARI {method} {path}: HTTP {status} {_message(text[:200])}")
+        if status == 204 or not text:
+            return None
+        try:
+            return loads(text)
+        except ValueError as exc:
+            raise AriError(f"ARI {method} {path}: the answer is not JSON") from exc
+
+    async def _exchange(self, ws: aiohttp.ClientWebSocketResponse, method: str, uri: str,
+                        body: Any, timeout: float) -> dict[str, Any]:
+        """Send one RESTRequest on ``ws`` and wait for its RESTResponse.
+
+        Raises ``TimeoutError`` after ``timeout`` s and :class:`_WebsocketLost` when the
+        websocket goes away first.
+        """
+        self._next_id += 1
+        request_id = str(self._next_id)
+        message: dict[str, Any] = {"type": "RESTRequest", "request_id": request_id,
+                                   "method": method, "uri": uri}
+        if body is not None:
+            message["content_type"] = "application/json"
+            message["message_body"] = dumps(body)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        timer = loop.call_later(timeout, _expire, future)  # one timer, no task per call
+        self._pending[request_id] = (future, ws)
+        try:
+            try:
+                await ws.send_str(dumps(message))
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                raise _NotSent() from exc
+            self.requests["ws"] += 1
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+    def _answered(self, message: dict[str, Any]) -> None:
+        entry = self._pending.get(str(message.get("request_id")))
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(message)
+        else:  # a late answer (timed out) or someone else's
+            log.debug("ARI RESTResponse for no waiting request: %s", message.get("request_id"))
+
+    # -- the websocket transport's life -----------------------------------
+
+    def _websocket_up(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._socket = ws
+        mode = self.settings.rest_over_websocket
+        if mode == "on":
+            self._rest_ws = ws
+        elif mode == "auto":
+            self._start_probe(ws)
+
+    def _websocket_gone(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Back to HTTP; the requests waiting on ``ws`` fail now, not at their timeout."""
+        if self._socket is ws:
+            self._socket = None
+            self._stop_probe()
+        if self._rest_ws is ws:
+            self._rest_ws = None
+            log.info("ARI REST requests go over HTTP while the events websocket is down")
+        for future, owner in list(self._pending.values()):
+            if owner is ws and not future.done():
+                future.set_exception(_WebsocketLost())
+
+    def _start_probe(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._stop_probe()
+        self._probe = asyncio.get_running_loop().create_task(self._run_probe(ws))
+
+    def _stop_probe(self) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+        self._probe = None
+
+    async def _run_probe(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Does the server take REST requests on ``ws``? Older ones ignore or refuse."""
+        why = ""
+        try:
+            answer = await self._exchange(ws, "GET", PROBE_URI, None, PROBE_TIMEOUT)
+            status = answer.get("status_code")
+            if status == 200:
+                if self._socket is ws:
+                    self._rest_ws = ws
+                    log.info("ARI REST requests go over the events websocket")
+                return
+            why = f"it answered {status} {_message(answer.get('message_body') or '')}"
+        except TimeoutError:
+            why = f"no answer in {PROBE_TIMEOUT:g}s"
+        except _WebsocketLost:
+            return
+        log.info("ARI REST requests go over HTTP: the events websocket does not take "
+                 "them (%s; Asterisk 22.3+, 21.8+ or 20.13+ does)", why.strip())
 
     async def info(self) -> dict[str, Any]:
         return await self.request("GET", "/asterisk/info")
@@ -154,9 +335,21 @@ class AriClient:
                                for name, value in assignments(pairs)))
 
     async def set_event_filter(self, app: str, allowed: Sequence[str]) -> None:
-        """Ask Asterisk to send this app only these event types (Asterisk 20.8+/21.3+)."""
+        """Ask Asterisk to send this app only these event types (Asterisk 20.8+/21.3+).
+
+        ``RESTResponse`` is always let through: the filter drops it too, and REST over
+        the websocket needs it.
+        """
+        types = list(allowed)
+        if self.settings.rest_over_websocket != "off" and REST_RESPONSE not in types:
+            types.append(REST_RESPONSE)
         await self.request("PUT", f"/applications/{_seg(app)}/eventFilter",
-                           body={"allowed": [{"type": t} for t in allowed]})
+                           body={"allowed": [{"type": t} for t in types]})
+        socket = self._socket
+        if (self.settings.rest_over_websocket == "auto" and socket is not None
+                and self._rest_ws is None):
+            # A filter left over from before may have hidden the connect's probe.
+            self._start_probe(socket)
 
     async def get_variable(self, channel_id: str, name: str) -> str | None:
         data = await self.request("GET", f"/channels/{_seg(channel_id)}/variable",
@@ -209,12 +402,16 @@ class AriClient:
 
     async def events(
         self, app: str, on_connect: Callable[[], Awaitable[None]] | None = None,
-        max_backoff: float = 5.0,
+        max_backoff: float = 5.0, on_lost: Callable[[str], None] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield this app's events forever, reconnecting with backoff.
 
         ``on_connect`` runs after every (re)connect, before events flow, so the app
-        can take back channels left in Stasis while it was away.
+        can take back channels left in Stasis while it was away. A reader task owns
+        the websocket: it hands RESTResponses to the requests waiting for them (they
+        never reach the caller), so REST calls get answers even while the caller is
+        busy, and queues the events. ``on_lost(why)`` is told when the connection goes
+        away or cannot be made (health: ARI down).
         """
         url = f"{self.settings.url}/ari/events"
         delay = 0.2
@@ -233,26 +430,25 @@ class AriClient:
                                     app, loop.time() - lost_at)
                     lost_at = None
                     delay = 0.2
-                    if on_connect is not None:
-                        try:
-                            await on_connect()
-                        except Exception:  # a bug in the hook must not stop the events
-                            log.exception("ARI on_connect hook failed; events go on")
-                    async for msg in ws:
-                        if msg.type is aiohttp.WSMsgType.TEXT:
+                    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+                    reader = loop.create_task(self._read(ws, app, queue))
+                    try:
+                        self._websocket_up(ws)
+                        if on_connect is not None:
                             try:
-                                event = json.loads(msg.data)
-                            except ValueError:
-                                log.warning("ARI sent an event that is not JSON; ignored")
-                                continue
-                            # Other apps' events reach us too (e.g. the far half of a
-                            # Local channel): keep only ours.
-                            if isinstance(event, dict) and event.get("application", app) == app:
-                                yield event
-                        elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
-                            break
+                                await on_connect()
+                            except Exception:  # a bug in the hook must not stop the events
+                                log.exception("ARI on_connect hook failed; events go on")
+                        while (event := await queue.get()) is not _CLOSED:
+                            yield event
+                    finally:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reader
                 lost_at = loop.time()
                 log.warning("ARI events connection for app %s lost; reconnecting", app)
+                if on_lost is not None:
+                    on_lost("ARI events connection lost; reconnecting")
             except (aiohttp.ClientError, TimeoutError, OSError, AriError) as exc:
                 if lost_at is None:
                     lost_at = loop.time()
@@ -263,8 +459,41 @@ class AriClient:
                         why += ", check the ARI username and password"
                 log.warning("ARI events for app %s unavailable (%s), down %.0fs; "
                             "retrying in %.1fs", app, why, loop.time() - lost_at, delay)
+                if on_lost is not None:
+                    on_lost(f"ARI unavailable ({why})")
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, max_backoff)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, app: str,
+                    queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Read ``ws`` until it closes: answers to their requests, this app's events
+        to ``queue``, then the end marker."""
+        try:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    try:
+                        event = loads(msg.data)
+                    except ValueError:
+                        log.warning("ARI sent an event that is not JSON; ignored")
+                        continue
+                    if not isinstance(event, dict):
+                        continue
+                    if event.get("type") == REST_RESPONSE:
+                        self._answered(event)
+                    # Other apps' events reach us too (e.g. the far half of a Local
+                    # channel): keep only ours.
+                    elif event.get("application", app) == app:
+                        queue.put_nowait(event)
+                elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                    break
+        finally:
+            self._websocket_gone(ws)
+            queue.put_nowait(_CLOSED)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _seg(value: str) -> str:
@@ -276,12 +505,16 @@ def _seg(value: str) -> str:
     text = str(value)
     if not text.strip("."):
         raise AriError(f"refusing the id {text!r} in an ARI path")
-    return quote(text, safe="")
+    return text if _PLAIN_SEGMENT.fullmatch(text) else quote(text, safe="")
+
+
+def _query_quote(text: str) -> str:
+    return text if _PLAIN_QUERY.fullmatch(text) else quote(text, safe=_QUERY_SAFE)
 
 
 def _message(text: str) -> str:
     try:
-        data = json.loads(text)
+        data = loads(text)
     except ValueError:
         # An HTML error page (e.g. 503 while Asterisk shuts down) says nothing more.
         return "" if text.lstrip().startswith("<") else " ".join(text.split())

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,9 @@ class AriSettings:
     app: str = DEFAULT_APP
     connections: int = 20  # REST pool: well below http.conf sessionlimit (100)
     timeout: float = 10.0  # seconds for any one REST call
+    # REST calls as RESTRequest messages on the events websocket (Asterisk 22.3+,
+    # 21.8+, 20.13+): auto = when the server answers a probe at connect; on; off = HTTP.
+    rest_over_websocket: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Contact:
 @dataclass(frozen=True)
 class Settings:
     source: Path
-    ari: AriSettings
+    ari: AriSettings | None  # None: FastAGI mode and the admin commands need no ARI
     ami: AmiSettings | None
     database: Path
     recordings: RecordingSettings
@@ -137,7 +140,13 @@ class Settings:
 # --- secrets ----------------------------------------------------------------
 
 
-def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field) -> str | None:
+def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field,
+            resolve: bool = True) -> str | None:
+    """A secret given inline, as ``*_env`` or as ``*_file``.
+
+    ``resolve=False``: only check how it is given, and return "" instead of reading the
+    environment or the file (a command that does not use it needs neither).
+    """
     given = [k for k in (name, f"{name}_env", f"{name}_file") if k in fields]
     if len(given) > 1:
         parent.error(f"give only one of {', '.join(given)}")
@@ -147,6 +156,8 @@ def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field) 
             parent.error(f"missing required key '{name}' (or '{name}_env', '{name}_file')")
         return None
     key = given[0]
+    if not resolve:
+        return ""
     f = fields[key]
     value = f.string()
     if value is None:
@@ -1018,18 +1029,30 @@ _TOP_KEYS = (
 )
 
 
-def load_settings(path: str | os.PathLike[str]) -> Settings:
-    """Load and check ``config.yaml`` and every dialplan file it names."""
+# The sections whose secrets a command may need; each command asks for its own.
+SECRET_SECTIONS = ("ari", "ami")
+
+
+def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRET_SECTIONS,
+                  require: Collection[str] = ()) -> Settings:
+    """Load and check ``config.yaml`` and every dialplan file it names.
+
+    ``secrets``: the sections (``ari``, ``ami``) whose passwords are read from the
+    config, the environment or their files. The others are checked for form only and
+    get an empty password, so that, say, ``purge`` runs without the ARI and AMI
+    passwords in its environment. ``require``: optional sections this use needs
+    (``ari`` for ARI mode; FastAGI mode and the admin commands do without it).
+    """
     source = Path(path)
     problems = Problems(str(path))
     root = load_document(source, problems)
     if root is None:
         raise ConfigError(problems.sorted())
-    fields = root.mapping(required=("ari", "database", "recordings"), optional=_TOP_KEYS)
+    fields = root.mapping(required=("database", "recordings", *require), optional=_TOP_KEYS)
     if fields is None:
         raise ConfigError(problems.sorted())
-    ari = _ari(fields["ari"]) if "ari" in fields else None
-    ami = _ami(fields["ami"]) if "ami" in fields else None
+    ari = _ari(fields["ari"], "ari" in secrets) if "ari" in fields else None
+    ami = _ami(fields["ami"], "ami" in secrets) if "ami" in fields else None
     database = _path(fields["database"], fields["database"].string() or ".") \
         if "database" in fields else None
     recordings = _recordings(fields["recordings"]) if "recordings" in fields else None
@@ -1065,7 +1088,7 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     lines = problems.sorted() + extra_problems
     if lines:
         raise ConfigError(lines)
-    assert ari is not None and database is not None and recordings is not None
+    assert database is not None and recordings is not None
     assert log_days is not None
     return Settings(
         source=source.resolve(), ari=ari, ami=ami, database=database, recordings=recordings,
@@ -1079,10 +1102,10 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     )
 
 
-def _ari(f: Field) -> AriSettings | None:
+def _ari(f: Field, resolve: bool = True) -> AriSettings | None:
     fields = f.mapping(required=("url", "username"),
                        optional=("password", "password_env", "password_file", "app",
-                                 "connections", "timeout"))
+                                 "connections", "timeout", "rest_over_websocket"))
     if fields is None:
         return None
     url = fields["url"].string() if "url" in fields else None
@@ -1090,18 +1113,29 @@ def _ari(f: Field) -> AriSettings | None:
         fields["url"].error("expected an http:// or https:// URL")
         url = None
     user = fields["username"].string() if "username" in fields else None
-    password = _secret(fields, "password", required=True, parent=f)
+    password = _secret(fields, "password", required=True, parent=f, resolve=resolve)
     app = fields["app"].name() if "app" in fields else DEFAULT_APP
     conns = fields["connections"].integer(1, 80) if "connections" in fields else 20
     timeout = fields["timeout"].seconds() if "timeout" in fields else 10.0
-    if None in (url, user, password, app, conns, timeout):
+    over_ws = (_auto_on_off(fields["rest_over_websocket"]) if "rest_over_websocket" in fields
+               else "auto")
+    if None in (url, user, password, app, conns, timeout, over_ws):
         return None
     return AriSettings(url=str(url).rstrip("/").removesuffix("/ari"), username=str(user),
                        password=str(password), app=str(app), connections=int(conns or 1),
-                       timeout=float(timeout or 1))
+                       timeout=float(timeout or 1), rest_over_websocket=str(over_ws))
 
 
-def _ami(f: Field) -> AmiSettings | None:
+def _auto_on_off(f: Field) -> str | None:
+    # Read the raw scalar: YAML 1.1 turns an unquoted on/off into a boolean.
+    text = f.node.value if isinstance(f.node, yaml.ScalarNode) else None
+    if isinstance(text, str) and text.lower() in ("auto", "on", "off"):
+        return text.lower()
+    f.error("expected auto, on or off")
+    return None
+
+
+def _ami(f: Field, resolve: bool = True) -> AmiSettings | None:
     fields = f.mapping(required=("host", "port", "username"),
                        optional=("password", "password_env", "password_file", "connections",
                                  "timeout"))
@@ -1110,7 +1144,7 @@ def _ami(f: Field) -> AmiSettings | None:
     host = fields["host"].string() if "host" in fields else None
     port = fields["port"].integer(1, 65535) if "port" in fields else None
     user = fields["username"].string() if "username" in fields else None
-    password = _secret(fields, "password", required=True, parent=f)
+    password = _secret(fields, "password", required=True, parent=f, resolve=resolve)
     conns = fields["connections"].integer(1, 16) if "connections" in fields else 2
     timeout = fields["timeout"].seconds() if "timeout" in fields else 5.0
     if None in (host, port, user, password, conns, timeout):

@@ -57,6 +57,7 @@ from consentivr.messages import (
     StopPlayback,
 )
 from consentivr.model import Destination, Flow
+from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,17 @@ class CallDriver:
 
     def __init__(self, flow: Flow | None, info: CallInfo, transport: Transport,
                  writer: ConsentWriter, recordings_dir: str, clock: Clock = time.time,
-                 observer: CallObserver | None = None) -> None:
+                 observer: CallObserver | None = None,
+                 gate: RecordingGate | None = None) -> None:
         self.info = info
         self.transport = transport
         self.writer = writer
         self.clock = clock
         self.observer = observer
         self.flow = flow
-        self.machine = CallFlow(flow, info, recordings_dir) if flow is not None else None
+        blocked = gate.reason if gate is not None else None
+        self.machine = (CallFlow(flow, info, recordings_dir, recording_blocked=blocked)
+                        if flow is not None else None)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.limit = (flow.max_menu_seconds if flow else 0) + SAFETY_MARGIN
 

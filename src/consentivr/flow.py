@@ -97,6 +97,7 @@ class _Progress:
     error: str | None = None  # why, when the outcome is ERROR
     hung_up: bool = False
     recording_path: str | None = None
+    blocked: bool = False  # a yes to recording that the gate kept from starting
 
 
 Handler = Callable[["CallFlow", Event], list[Command]]
@@ -105,10 +106,14 @@ Handler = Callable[["CallFlow", Event], list[Command]]
 class CallFlow:
     """One call through one flow. Feed it events; run the commands it returns."""
 
-    def __init__(self, flow: Flow, call: CallInfo, recordings_dir: str) -> None:
+    def __init__(self, flow: Flow, call: CallInfo, recordings_dir: str,
+                 recording_blocked: str | None = None) -> None:
+        """``recording_blocked``: why no recording may start for this call (the
+        withdrawal key cannot be honoured); the caller's answers are logged as given."""
         self.flow = flow
         self.call = call
         self.recordings_dir = recordings_dir.rstrip("/")
+        self.recording_blocked = recording_blocked
         self.phase = Phase.START
         # By the caller's country, where the flow maps it; a language menu still asks.
         self._p = _Progress(language=flow.language_for(call.caller))
@@ -243,8 +248,11 @@ class CallFlow:
             and self._p.outcome in (Outcome.COMPLETED, Outcome.TIMEOUT)
             and self._p.decisions[rec.name].allows_processing
         )
+        # A yes, but the caller could not take it back: record nothing (said in the log).
+        self._p.blocked = allow_recording and self.recording_blocked is not None
         self._p.recording_path = (
-            f"{self.recordings_dir}/{self.call.call_id}.wav" if allow_recording else None
+            f"{self.recordings_dir}/{self.call.call_id}.wav"
+            if allow_recording and not self._p.blocked else None
         )
         self.phase = Phase.LOGGING
         return [*self._stop_playback(), *self._cancel_wait(), DisarmDeadline(),
@@ -465,6 +473,8 @@ class CallFlow:
         assert isinstance(event, DecisionLogged)
         if not event.ok or self._p.hung_up or self._p.recording_path is None:
             cmds: list[Command] = []
+            if event.ok and self._p.blocked:
+                cmds.append(MarkRecording(self.call.call_id, False, self.recording_blocked))
             if event.ok and self._p.recording_path is not None:
                 # Gone before recording could start: say so in the log.
                 cmds.append(MarkRecording(self.call.call_id, False, "caller hung up"))
@@ -590,19 +600,20 @@ class RecoveryRecording(StrEnum):
     NONE = "none"  # no yes, a row we do not trust, or the call is being hung up
 
 
-def recovery_recording(logged: LoggedCall, recordings_dir: str,
-                       hanging_up: bool) -> RecoveryRecording:
+def recovery_recording(logged: LoggedCall, recordings_dir: str, hanging_up: bool,
+                       blocked: bool = False) -> RecoveryRecording:
     """May recovery (re)start the recording of a call whose decision is committed?
 
     Only for the exact file the row names in our recordings dir, named by our own
-    call id; never when the call is about to be hung up.
+    call id; never when the call is about to be hung up, nor while the withdrawal key
+    cannot be honoured (``blocked``).
     """
     expected = f"{recordings_dir.rstrip('/')}/{logged.call_id}.wav"
     allowed = (logged.recording_path == expected
                and _RECORDING_NAME.fullmatch(f"{logged.call_id}.wav") is not None)
     if allowed and logged.recording_confirmed:
         return RecoveryRecording.RUNNING
-    if allowed and logged.recording_confirmed is None and not hanging_up:
+    if allowed and logged.recording_confirmed is None and not hanging_up and not blocked:
         return RecoveryRecording.START
     return RecoveryRecording.NONE
 

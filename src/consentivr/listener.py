@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from panoramisk import Manager
 
+from consentivr.ami import AmiProtocol
 from consentivr.config import Settings
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.features import NOTE_PREFIX
@@ -43,6 +44,13 @@ from consentivr.withdrawal import (
     delete_recording,
     stop_mixmonitor,
 )
+from consentivr.withdrawalpath import (
+    PROBE_EVENT,
+    Finding,
+    RecordingGate,
+    check_withdrawal_path,
+    problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ EVENTS = (
 )
 # Asterisk matches a Filter regex against the event text: fewer events cross the wire.
 EVENT_FILTER = f"Event: ({'|'.join(EVENTS)})"
+_WANTED = frozenset(EVENTS)
 # After a delete, MixMonitor's own thread may still be closing the file.
 RECHECK_DELETE = 2.0
 # How far back to look for withdrawals made while we were away: longer than any call.
@@ -65,16 +74,22 @@ class ListenerObserver(Protocol):
 
     def component_up(self, name: str, up: bool, reason: str | None = None) -> None: ...
     def withdrawal(self, by: str) -> None: ...
+    def set_problem(self, name: str, reason: str | None) -> None: ...
 
 
 class RecordingListener:
     """Listens to AMI and keeps recordings to the conversation the caller agreed to."""
 
     def __init__(self, settings: Settings, clock: Clock = time.time,
-                 observer: ListenerObserver | None = None) -> None:
+                 observer: ListenerObserver | None = None,
+                 gate: RecordingGate | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.observer = observer
+        self.gate = gate  # closed while the withdrawal path is not verified
+        self.findings: list[Finding] = []  # the last withdrawal-path check
+        self.checked = asyncio.Event()  # set once the first check has run
+        self._probes: dict[str, asyncio.Future[None]] = {}
         self.tracker = RecordingTracker()
         self.logged_in = asyncio.Event()
         self.done: list[Command | Withdrawal] = []  # what was carried out, for tests
@@ -101,9 +116,11 @@ class RecordingListener:
             loop=loop, host=ami.host, port=ami.port, username=ami.username,
             secret=ami.password, events="call,user", encoding="utf8", reconnect_timeout=1,
             ping_delay=10, on_login=self._on_login, on_disconnect=self._on_disconnect,
+            protocol_factory=AmiProtocol,
         )
-        for name in EVENTS:
-            self._manager.register_event(name, self._on_event)
+        # One pattern, not one per event: panoramisk matches every pattern's regex
+        # against every event (Asterisk's Filter already keeps out the others).
+        self._manager.register_event("*", self._on_event)
         self._manager.connect()
         self._task = loop.create_task(self._run())
         if wait:
@@ -142,6 +159,7 @@ class RecordingListener:
         self.logged_in.clear()
         if self.observer is not None:
             self.observer.component_up("ami", False, "AMI connection lost; reconnecting")
+        self._set_gate("withdrawal key cannot be honoured (AMI connection lost)")
 
     async def _after_login(self) -> None:
         try:
@@ -149,9 +167,52 @@ class RecordingListener:
         except AmiError as exc:  # needs write=system; without it we just get every event
             log.debug("AMI Filter not set: %s", exc)
         self._queue.put_nowait(("catch_up", {}, self.clock()))
+        await self.check_withdrawal_path()
+
+    async def check_withdrawal_path(self) -> list[Finding]:
+        """Run the withdrawal-path checks on this connection and set the gate."""
+        self.findings = await check_withdrawal_path(self.action, self.probe,
+                                                    self.settings.withdrawal)
+        self._set_gate(problem(self.findings))
+        self.checked.set()
+        return self.findings
+
+    def _set_gate(self, reason: str | None) -> None:
+        if self.observer is not None:
+            self.observer.set_problem("withdrawal", reason)
+        if self.gate is None or not self.gate.set(reason):
+            return
+        if reason is None:
+            log.info("withdrawal path verified: recordings may start")
+        else:
+            log.error("%s: recordings are not started until it works", reason)
+
+    async def probe(self, token: str, timeout: float = 3.0) -> bool:
+        """Send a UserEvent and wait until it comes back on our event stream."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._probes[token] = waiter
+        try:
+            await self.action({"Action": "UserEvent", "UserEvent": PROBE_EVENT, "Token": token})
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._probes.pop(token, None)
 
     def _on_event(self, _manager: Manager, message: Mapping[str, Any]) -> None:
-        event = {str(k): str(v) for k, v in message.items() if k != "content"}
+        if message.get("Event") not in _WANTED:  # a refused Filter: we get everything
+            return
+        # panoramisk's Message keeps (key, value) pairs in _store: copying from there is
+        # a third of the cost of going through its MutableMapping methods.
+        store = getattr(message, "_store", None)
+        pairs = store.values() if isinstance(store, dict) else message.items()
+        event = {str(k): str(v) for k, v in pairs if k != "content"}
+        if event.get("UserEvent") == PROBE_EVENT:
+            waiter = self._probes.get(event.get("Token", ""))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         self._queue.put_nowait(("event", event, self.clock()))
 
     def _spawn(self, coro: Any) -> None:

@@ -105,6 +105,7 @@ class Pbx(Protocol):
     def set_dialplan(self, text: str) -> None: ...
     def set_rendered_dialplan(self, text: str) -> None: ...
     def set_features(self, text: str) -> None: ...
+    def set_withdrawal(self, features: str, dialplan: str) -> None: ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -287,6 +288,9 @@ class SandboxPbx:
         self.dialplan_path = self.run_dir / "extensions_project.conf"
         self.rendered_dialplan_path = self.run_dir / "extensions_rendered.conf"
         self.features_path = self.run_dir / "features_project.conf"
+        # consentivr's own withdrawal parts, apart from what tests put in the files above.
+        self.withdraw_features_path = self.run_dir / "features_withdraw.conf"
+        self.withdraw_dialplan_path = self.run_dir / "extensions_withdraw.conf"
         self.console_log_path = self.log_dir / "console.log"
         self._ports: _Ports | None = None
         self._ari_password = secrets.token_urlsafe(18)
@@ -483,6 +487,8 @@ class SandboxPbx:
             "dialplan_file": str(self.dialplan_path),
             "rendered_dialplan_file": str(self.rendered_dialplan_path),
             "features_file": str(self.features_path),
+            "withdraw_features_file": str(self.withdraw_features_path),
+            "withdraw_dialplan_file": str(self.withdraw_dialplan_path),
         }
 
     def _write_config(self, ports: _Ports) -> None:
@@ -699,6 +705,16 @@ class SandboxPbx:
         _write_atomic(self.features_path, text)
         self._reload_checked("module reload features", "")
 
+    def set_withdrawal(self, features: str, dialplan: str) -> None:
+        """Install consentivr's withdrawal feature and context, as a production PBX has
+        them (``consentivr recording features``); reload only what changed."""
+        for path, text, reload, needle in (
+                (self.withdraw_features_path, features, "module reload features", ""),
+                (self.withdraw_dialplan_path, dialplan, "dialplan reload", "reloaded")):
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                _write_atomic(path, text)
+                self._reload_checked(reload, needle)
+
     def _reload_checked(self, command: str, expect: str) -> None:
         # Asterisk reports config problems only in its log, after the command returns.
         # Logging is queued in order, so a marker logged afterwards bounds the lines.
@@ -855,6 +871,16 @@ class ExternalPbx:
         self._replace(
             self.features_path, "CONSENTIVR_TEST_FEATURES_FILE", text, "module reload features"
         )
+
+    def set_withdrawal(self, features: str, dialplan: str) -> None:
+        """Your Asterisk is expected to have consentivr's withdrawal parts installed (as in
+        production); with ``CONSENTIVR_TEST_WITHDRAW_FEATURES_FILE`` and
+        ``CONSENTIVR_TEST_WITHDRAW_DIALPLAN_FILE`` set, the tests write them there."""
+        for env, text, reload in (
+                ("CONSENTIVR_TEST_WITHDRAW_FEATURES_FILE", features, "module reload features"),
+                ("CONSENTIVR_TEST_WITHDRAW_DIALPLAN_FILE", dialplan, "dialplan reload")):
+            if os.environ.get(env):
+                self._replace(Path(os.environ[env]), env, text, reload)
 
 
 # --------------------------------------------------------------------------- misc

@@ -170,7 +170,8 @@ class ChannelRecovery:
     def __init__(self, *, flows: Callable[[str | None], Flow | None], ari: RecoveryAri,
                  recorder: RecoveryRecorder, lookup: Lookup | None, write: Write,
                  recordings_dir: str, recording_options: str, mode: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 recording_blocked: str | None = None) -> None:
         self.flows = flows
         self.ari = ari
         self.recorder = recorder
@@ -180,6 +181,7 @@ class ChannelRecovery:
         self.recording_options = recording_options
         self.mode = mode
         self.clock = clock
+        self.recording_blocked = recording_blocked
 
     async def run(self, channel_id: str, *, caller: str | None = None,
                   sanitize: Callable[[object], str] = str) -> Outcome:
@@ -254,7 +256,8 @@ class ChannelRecovery:
 
     async def _resume(self, channel_id: str, channel_name: str, logged: LoggedCall,
                       outcome: Outcome) -> tuple[tuple[str, str], ...]:
-        plan = recovery_recording(logged, self.recordings_dir, hanging_up=self.mode == "hangup")
+        plan = recovery_recording(logged, self.recordings_dir, hanging_up=self.mode == "hangup",
+                                  blocked=self.recording_blocked is not None)
         recording = plan is RecoveryRecording.RUNNING
         if plan is RecoveryRecording.START:
             path = f"{self.recordings_dir}/{logged.call_id}.wav"

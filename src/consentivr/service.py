@@ -44,6 +44,7 @@ from consentivr.store import (
     database_is_world_readable,
     load_or_create_key,
 )
+from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def secrets_of(settings: Settings, key: CallerKey | None = None) -> list[str | b
 
 
 MODES = ("ari", "agi")
+NO_AMI = "withdrawal key cannot be honoured (no ami: section: consentivr cannot hear it)"
 
 
 class Service:
@@ -130,6 +132,7 @@ class Service:
         self.writer: ConsentWriter | None = None
         self.app: StasisApp | None = None
         self.agi: AgiServer | None = None
+        self.gate = RecordingGate()
         # Metrics, /metrics + /healthz, and systemd readiness and watchdog.
         self.ops = Operations.for_settings(settings, mode="serve" if mode == "ari" else "agi")
         self._pump: asyncio.Task[None] | None = None
@@ -152,12 +155,20 @@ class Service:
         self.committer = GroupCommitter(lambda: lazy)
         self.writer = writer = ConsentWriter(self.committer, observer=metrics)
         writer.start()
+        # No recording starts until the withdrawal key is proven to work (fail closed).
+        gate = self.gate
         if settings.ami is not None:
             # Withdrawal by key and hold muting happen outside our app, in both modes.
-            self.recording_listener = RecordingListener(settings, observer=metrics)
+            self.recording_listener = RecordingListener(settings, observer=metrics, gate=gate)
             await self.recording_listener.start(wait=wait_connected)
+            if wait_connected:
+                await self.recording_listener.checked.wait()
+        else:
+            gate.set(NO_AMI)
+            metrics.set_problem("withdrawal", NO_AMI)
+            log.error("%s: recordings are not started", NO_AMI)
         if self.mode == "agi":
-            self.agi = AgiServer(settings, writer, observer=metrics)
+            self.agi = AgiServer(settings, writer, observer=metrics, gate=gate)
             await self.agi.start(*self.listen)
             self.connected.set()
             return
@@ -170,7 +181,7 @@ class Service:
             recorder = Recorder(self.pool)
         self.ari = AriClient(settings.ari)
         self.app = StasisApp(settings, self.ari, recorder, writer,
-                             lookup=lookup_in(settings.database), observer=metrics)
+                             lookup=lookup_in(settings.database), observer=metrics, gate=gate)
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(self.app))
         if wait_connected:
             await asyncio.wait_for(self.connected.wait(), wait_connected)
@@ -191,7 +202,9 @@ class Service:
 
     async def _pump_events(self, app: StasisApp) -> None:
         assert self.ari is not None and self.settings.ari is not None
-        async for event in self.ari.events(self.settings.ari.app, on_connect=self._on_connect):
+        async for event in self.ari.events(
+                self.settings.ari.app, on_connect=self._on_connect,
+                on_lost=lambda why: self.ops.metrics.component_up("ari", False, why)):
             try:
                 app.handle_event(event)
             except Exception:  # one bad event must never stop the service

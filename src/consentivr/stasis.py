@@ -37,6 +37,7 @@ from consentivr.messages import (
 )
 from consentivr.model import Destination
 from consentivr.recovery import ChannelRecovery, Lookup, RecoveryAri, playback_id
+from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class StasisApp:
 
     def __init__(self, settings: Settings, ari: AriLike, recorder: RecorderLike,
                  writer: ConsentWriter, clock: Clock = time.time,
-                 lookup: Lookup | None = None, observer: CallObserver | None = None) -> None:
+                 lookup: Lookup | None = None, observer: CallObserver | None = None,
+                 gate: RecordingGate | None = None) -> None:
         self.settings = settings
         self.ari = ari
         self.recorder = recorder
@@ -145,6 +147,7 @@ class StasisApp:
         self.clock = clock
         self.lookup = lookup
         self.observer = observer
+        self.gate = gate
         self.sessions: dict[str, CallDriver] = {}
         self.transports: dict[str, AriTransport] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -194,7 +197,8 @@ class StasisApp:
                          caller=_mapping(channel.get("caller")).get("number"))
         transport = AriTransport(self, channel_id, info.channel_name)
         driver = CallDriver(flow, info, transport, self.writer,
-                            str(self.settings.recordings.dir), self.clock, self.observer)
+                            str(self.settings.recordings.dir), self.clock, self.observer,
+                            self.gate)
         transport.sink = driver.push
         if flow is not None:
             self.sessions[channel_id] = driver
@@ -229,9 +233,10 @@ class StasisApp:
         # StasisStart events queued on the new websocket are handled first.
         await asyncio.sleep(settle)
         data: dict[str, Any] | None = None
+        app = self.settings.ari.app if self.settings.ari else ""
         for attempt in range(3):
             try:
-                data = await self.ari.application(self.settings.ari.app)
+                data = await self.ari.application(app)
                 break
             except ConsentivrError as exc:
                 if attempt == 2:
@@ -265,6 +270,7 @@ class StasisApp:
             recordings_dir=str(self.settings.recordings.dir),
             recording_options=self.settings.recordings.options,
             mode=getattr(self.settings, "recovery", "continue"), clock=self.clock,
+            recording_blocked=self.gate.reason if self.gate else None,
         )
         try:
             outcome = await recovery.run(channel_id, sanitize=clean)

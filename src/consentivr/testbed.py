@@ -30,6 +30,7 @@ from typing import Any
 
 from consentivr.ari import AriClient
 from consentivr.config import AriSettings, Settings, load_settings
+from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.flow import Phase
 from consentivr.pbx import Pbx, PbxEndpoints
 from consentivr.service import Service
@@ -218,6 +219,11 @@ class Testbed:
         await asyncio.wait_for(self._caller_ready.wait(), 15)
 
     async def start_service(self) -> None:
+        # A correctly installed PBX has the withdrawal key; without it, rightly, no
+        # recording starts (the service fails closed).
+        withdrawal = self.settings.withdrawal
+        await asyncio.to_thread(self.pbx.set_withdrawal, applicationmap(withdrawal),
+                                withdraw_dialplan(withdrawal))
         self.service = Service(self.settings, self.mode, listen=("127.0.0.1", 0))
         await self.service.start(wait_connected=15)
         if self.service.agi is not None:

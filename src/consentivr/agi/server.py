@@ -28,6 +28,7 @@ from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import CallDriver, CallObserver, call_info, clean_id
 from consentivr.messages import Clock
+from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class AgiServer:
 
     def __init__(self, settings: Settings, writer: ConsentWriter, clock: Clock = time.time,
                  env_timeout: float = ENV_TIMEOUT,
-                 observer: CallObserver | None = None) -> None:
+                 observer: CallObserver | None = None,
+                 gate: RecordingGate | None = None) -> None:
         self.settings = settings
         self.writer = writer
         self.clock = clock
         self.env_timeout = env_timeout
         self.observer = observer
+        self.gate = gate
         self.sessions: dict[str, CallDriver] = {}  # by agi_uniqueid
         self.tasks: set[asyncio.Task[None]] = set()
         self.rejected = 0  # connections closed without a session (empty, malformed)
@@ -108,7 +111,8 @@ class AgiServer:
             recording_options=self.settings.recordings.options, clock=self.clock,
             call_id=info.call_id)
         driver = CallDriver(flow, info, transport, self.writer,
-                            str(self.settings.recordings.dir), self.clock, self.observer)
+                            str(self.settings.recordings.dir), self.clock, self.observer,
+                            self.gate)
         if flow is None:
             await driver.run()
             return

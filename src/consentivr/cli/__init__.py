@@ -6,7 +6,6 @@ here and only here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tempfile
@@ -78,9 +77,12 @@ def setup_logging(log_format: str | None, verbose: bool) -> None:
     setup(log_format, verbose)
 
 
-def settings_from(config_path: str) -> Settings:
+def settings_from(config_path: str, secrets: tuple[str, ...] = (),
+                  require: tuple[str, ...] = ()) -> Settings:
+    """The config, with the passwords of only the ``secrets`` sections read: an admin
+    command needs neither the ARI nor the AMI password in its environment."""
     with friendly_errors():
-        return load_settings(config_path)
+        return load_settings(config_path, secrets=secrets, require=require)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,12 +113,13 @@ def serve(config_path: str, verbose: bool, log_format: str | None) -> None:
       consentivr serve --config /etc/consentivr/config.yaml
       consentivr serve --log-format json 2>&1 | jq 'select(.event == "decision")'
     """
+    from consentivr import accelerators
     from consentivr.service import serve as run_service
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, secrets=("ari", "ami"), require=("ari",))
     setup_logging(log_format, verbose)
     with friendly_errors():
-        asyncio.run(run_service(settings))
+        accelerators.run(run_service(settings))  # uvloop when installed
 
 
 @main.group()
@@ -138,7 +141,7 @@ def config_check(config_path: str) -> None:
     Example:
       consentivr config check --config config.example.yaml
     """
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, secrets=("ari", "ami"))  # check every secret
     click.echo(f"{config_path}: OK ({len(settings.flows)} flow(s): {', '.join(settings.flows)})")
 
 

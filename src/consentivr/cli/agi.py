@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import click
 
+from consentivr import accelerators
 from consentivr.cli import (
     config_option,
     friendly_errors,
@@ -51,8 +50,8 @@ def agi(config_path: str, listen: tuple[str, int], verbose: bool,
     """
     from consentivr.agi import serve
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, secrets=("ami",))
     setup_logging(log_format, verbose)
     host, port = listen
     with friendly_errors():
-        asyncio.run(serve(settings, host, port))
+        accelerators.run(serve(settings, host, port))  # uvloop when installed

@@ -14,7 +14,13 @@ from pathlib import Path
 import click
 
 from consentivr.cli import config_option, friendly_errors, write_atomically
-from consentivr.config import Dialplan, WithdrawalSettings, load_dialplans, load_settings
+from consentivr.config import (
+    DEFAULT_APP,
+    Dialplan,
+    WithdrawalSettings,
+    load_dialplans,
+    load_settings,
+)
 from consentivr.dialplan import DEFAULT_AGI_URL, MODES, RenderOptions, render
 from consentivr.errors import ConfigError
 from consentivr.features import DEFAULT_FEATURES_CONF, check_features_file
@@ -60,10 +66,10 @@ def _source(files: Sequence[Path], config_path: str,
         return load_dialplans(files, directory), None, [str(f) for f in files]
     if prompts_dir is not None:
         raise click.UsageError("--prompts-dir goes with FILEs; a config has prompts_dir")
-    settings = load_settings(config_path)
+    settings = load_settings(config_path, secrets=())
     dialplan = Dialplan(flows=settings.flows, menus=settings.menus,
                         prompts_dir=settings.prompts_dir)
-    return dialplan, settings.ari.app, [config_path]
+    return dialplan, settings.ari.app if settings.ari else DEFAULT_APP, [config_path]
 
 
 def _summary(dialplan: Dialplan) -> str:
@@ -124,7 +130,7 @@ def _withdrawal_clashes(from_config: bool, config_path: str,
     path = features_conf or (DEFAULT_FEATURES_CONF if DEFAULT_FEATURES_CONF.is_file() else None)
     if path is None:
         return []
-    keys = (load_settings(config_path).withdrawal.keys if from_config
+    keys = (load_settings(config_path, secrets=()).withdrawal.keys if from_config
             else WithdrawalSettings().keys)
     return check_features_file(path, keys)
 

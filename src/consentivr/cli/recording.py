@@ -49,7 +49,7 @@ def stop(config_path: str, call_id: str) -> None:
     """
     from consentivr.withdrawal import stop_recording
 
-    settings = settings_from(config_path)
+    settings = settings_from(config_path, secrets=("ami",))
     with friendly_errors():
         result, ami = asyncio.run(stop_recording(settings, call_id, by="agent"))
     click.echo(f"{result.describe()}; {_STOPPED.get(ami, ami)}")
