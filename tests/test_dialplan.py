@@ -243,8 +243,9 @@ def test_check_lists_every_problem_sorted_and_exits_1(tmp_path: Path) -> None:
     numbers = [int(line.split(":")[1]) for line in lines]
     assert numbers == sorted(numbers)
     assert lines[0].endswith("flows.minimal.colour: unknown key (allowed: destination, "
-                             "invalid, language_menu, languages, max_menu_seconds, "
-                             "not_recorded, notice, numbers, purposes)")
+                             "invalid, language_by_country, language_menu, languages, "
+                             "max_menu_seconds, more_info, more_info_key, not_recorded, "
+                             "notice, numbers, purposes, repeat_key)")
 
 
 def test_check_with_files_and_an_explicit_config_is_a_usage_error(tmp_path: Path) -> None:

@@ -225,6 +225,10 @@ def calls_show(config_path: str, call_id: str) -> None:
     row = log.call(call_id)
     if row is None:
         raise click.ClickException(f"no call with id {call_id!r} in {log.path}")
+    from consentivr.callbacks import call_history
+
+    # The survey team's side: the export runs that listed it, and "callbacks done".
+    row["callbacks"] = call_history(log.conn, row["call_id"])
     click.echo(json.dumps(_brief(row, full=True), indent=2, sort_keys=True))
 
 
