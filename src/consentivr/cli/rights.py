@@ -500,9 +500,9 @@ def _ids_from_file(path: str) -> list[str]:
         raise click.ClickException(f"{path}: {exc.strerror}") from None
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
-    if lines and "," in lines[0] and "call_id" in lines[0].split(","):
-        return [row["call_id"] for row in csv.DictReader(io.StringIO("\n".join(lines)))
-                if row.get("call_id")]
+    if lines and "call_id" in next(csv.reader([lines[0]])):  # the export's (quoted) CSV
+        return [row["call_id"].removeprefix("'")
+                for row in csv.DictReader(io.StringIO("\n".join(lines))) if row.get("call_id")]
     return lines
 
 
