@@ -42,8 +42,14 @@ from consentivr.dialplan import (
 )
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.model import ENTRY_CONTEXT
-from consentivr.prompts import PromptError, manifest_key, read_manifest, text_prompts, \
-    tool_versions, up_to_date
+from consentivr.prompts import (
+    PromptError,
+    manifest_key,
+    read_manifest,
+    text_prompts,
+    tool_versions,
+    up_to_date,
+)
 from consentivr.withdrawalpath import PROBE_EVENT, check_withdrawal_path
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -85,7 +91,8 @@ class Account:
 
     @classmethod
     def parse(cls, spec: str, label: str) -> Account:
-        """``name``, ``uid`` or ``user:group`` (numbers allowed: a sandbox's ids)."""
+        """``user``, ``uid`` or ``user:group,group...`` (numbers allowed: a sandbox's
+        ids; a bare uid has only the groups given)."""
         user, _, group = spec.partition(":")
         try:
             entry = pwd.getpwnam(user) if not user.isdigit() else None
@@ -95,11 +102,11 @@ class Account:
         gids = {entry.pw_gid} if entry else set()
         if entry:
             gids |= {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
-        if group:
+        for name in filter(None, group.split(",")):
             try:
-                gids.add(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
+                gids.add(int(name) if name.isdigit() else grp.getgrnam(name).gr_gid)
             except KeyError:
-                raise DoctorError(f"no group {group!r} on this host (--{label})") from None
+                raise DoctorError(f"no group {name!r} on this host (--{label})") from None
         return cls(spec, uid, frozenset(gids))
 
     @classmethod

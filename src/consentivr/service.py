@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -35,6 +34,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
+from consentivr.ownership import prepare_recordings_dir
 from consentivr.recovery import lookup_in
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
@@ -57,11 +57,9 @@ class _NoRecorder:
 
 
 def prepare_paths(settings: Settings) -> None:
-    """Create the recordings dir 0700 and warn about a readable database."""
-    rec = settings.recordings.dir
-    rec.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(OSError):
-        os.chmod(rec, 0o700)
+    """Create the recordings dir (2770: the user model, see ownership.py) and warn
+    about a readable database."""
+    prepare_recordings_dir(settings.recordings.dir)
     if database_is_world_readable(settings.database):
         log.warning("%s is readable by group or others: chmod 600 it", settings.database)
 

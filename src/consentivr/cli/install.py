@@ -20,7 +20,7 @@ from consentivr.cli import config_option, friendly_errors, settings_from, write_
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
 @click.option("--user", default="consentivr", show_default=True,
-              help="The service's user (USER, UID or USER:GROUP); whoever runs doctor "
+              help="The service's user (USER, or UID:GID,GID...); whoever runs doctor "
                    "when no such user exists.")
 @click.option("--purge-user", default=None, help="The purge's user [default: --user].")
 @click.option("--asterisk-user", default="asterisk", show_default=True,
@@ -70,8 +70,10 @@ def doctor(config_path: str, as_json: bool, user: str, purge_user: str | None,
 @click.option("--mode", type=click.Choice(["ari", "agi"]), default=None,
               help="[default: ari with an ari: section, else agi]")
 @click.option("--agi-url", default=None, help="The FastAGI server, with --mode agi.")
+@click.option("--add-includes", is_flag=True,
+              help="With --out: append the missing #include lines to the stock files there.")
 def asterisk_config(config_path: str, out: Path | None, mode: str | None,
-                    agi_url: str | None) -> None:
+                    agi_url: str | None, add_includes: bool) -> None:
     """Write the Asterisk config this install needs, from the service config.
 
     http-consentivr.conf and ari-consentivr.conf (ARI), manager.d/consentivr.conf
@@ -79,19 +81,25 @@ def asterisk_config(config_path: str, out: Path | None, mode: str | None,
     withdrawal key), extensions-consentivr.conf (the rendered flows, as `dialplan
     render`) and extensions-consentivr-withdraw.conf (the withdrawal context, as
     `recording features`, and doctor's probe). Add the #include lines it prints to
-    the stock files once. Files with a password are written 0640, group asterisk.
+    the stock files once (--add-includes does it). Files with a password are
+    written 0640, group asterisk.
 
     \b
     Example:
-      consentivr asterisk-config --config /etc/consentivr/config.yaml --out /etc/asterisk
+      consentivr asterisk-config --config /etc/consentivr/config.yaml
+      consentivr asterisk-config --config /etc/consentivr/config.yaml \\
+          --out /etc/asterisk --add-includes
       asterisk -rx 'core reload'
     """
-    from consentivr.asteriskconfig import include_lines, snippets
+    from consentivr import asteriskconfig
     from consentivr.dialplan import DEFAULT_AGI_URL
 
+    if add_includes and out is None:
+        raise click.UsageError("--add-includes needs --out (the dir of the stock files)")
     settings = settings_from(config_path, secrets=("ari", "ami"), require=("ami",))
+    mode = mode or ("ari" if settings.ari is not None else "agi")
     with friendly_errors():
-        parts = snippets(settings, mode, agi_url or DEFAULT_AGI_URL)
+        parts = asteriskconfig.snippets(settings, mode, agi_url or DEFAULT_AGI_URL)
         for part in parts:
             if out is None:
                 click.echo(f"; ===== {part.path} =====\n{part.text}")
@@ -102,8 +110,18 @@ def asterisk_config(config_path: str, out: Path | None, mode: str | None,
             if part.secret:
                 _secret_mode(path)
             click.echo(f"wrote {path}", err=True)
-    click.echo("\nAdd once, at the END of each stock file in /etc/asterisk:\n"
-               + include_lines(), err=True)
+        if add_includes:
+            assert out is not None
+            for name, line in asteriskconfig.add_includes(out, mode):
+                click.echo(f"added to {out / name}: {line}", err=True)
+            return
+    needed = (asteriskconfig.missing_includes(out, mode) if out is not None
+              else asteriskconfig.include_lines(mode))
+    if needed:
+        click.echo("\nAdd once, at the END of each stock file (or use --add-includes):",
+                   err=True)
+        for name, line in needed:
+            click.echo(f"  {name}: {line}", err=True)
 
 
 def _secret_mode(path: Path) -> None:
