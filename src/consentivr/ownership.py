@@ -12,7 +12,7 @@
 | /var/lib/consentivr | consentivr:asterisk | 2750 | Asterisk must reach prompts/ |
 | /var/lib/consentivr/consent.db, .key | consentivr:consentivr | 0600 | the log, the caller key |
 | /var/lib/consentivr/prompts | consentivr:asterisk | 2750 | Asterisk plays them |
-| /var/spool/asterisk/consentivr | consentivr:asterisk | 2770 | MixMonitor writes; consentivr deletes |
+| /var/spool/asterisk/consentivr | consentivr:asterisk | 2770 | MixMonitor writes, we delete |
 
 The setgid bit gives new files and dirs the dir's group (``asterisk``), whoever
 creates them, so a recording MixMonitor wrote can be deleted by consentivr (purge,
