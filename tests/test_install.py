@@ -42,7 +42,7 @@ from consentivr.cli import main
 from consentivr.config import load_settings
 from consentivr.doctor import Account, may
 from consentivr.ownership import prepare_recordings_dir
-from consentivr.pbx import PbxError, PbxUnavailable, StockSandboxPbx, free_port
+from consentivr.pbx import PbxError, PbxUnavailable, SandboxPbx, StockSandboxPbx, free_port
 from consentivr.sipcaller import place_call
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,3 +511,85 @@ class TestStockInstall:
             assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (SERVICE_UID, 0o600), path
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
             assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] >= 1
+
+
+# --------------------------------------------------------------------------- FreePBX
+
+FREEPBX_DOC = ROOT / "docs" / "freepbx.md"
+
+
+def _freepbx_blocks() -> dict[str, str]:
+    """What docs/freepbx.md adds to each FreePBX custom file, read from the doc itself."""
+    doc = FREEPBX_DOC.read_text(encoding="utf-8")
+    found: dict[str, str] = {}
+    for name, body in re.findall(r"cat >> /etc/asterisk/(\S+) <<'CONF'\n(.*?)CONF\n", doc,
+                                 re.S):
+        found[name] = body
+    for line, name in re.findall(r"echo '([^']+)' >> /etc/asterisk/(\S+)", doc):
+        found[name] = found.get(name, "") + line + "\n"
+    return found
+
+
+def test_the_freepbx_doc_covers_the_three_custom_files() -> None:
+    assert set(_freepbx_blocks()) == {"extensions_custom.conf",
+                                      "features_applicationmap_custom.conf",
+                                      "manager_custom.conf"}
+
+
+@pytest.fixture(scope="module")
+def freepbx_pbx() -> Iterator[SandboxPbx]:
+    run_dir = Path(tempfile.mkdtemp(prefix="cv-fpbx-", dir="/tmp"))
+    pbx = SandboxPbx(run_dir)
+    try:
+        pbx.start()
+    except PbxUnavailable as exc:
+        _skip_or_fail(str(exc))
+    try:
+        yield pbx
+    finally:
+        pbx.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.asterisk
+class TestFreePbxSnippets:
+    """Every snippet of docs/freepbx.md, loaded into Asterisk 22 as FreePBX would."""
+
+    def test_the_snippets_load_without_a_warning(self, freepbx_pbx: SandboxPbx,
+                                                 tmp_path: Path) -> None:
+        pbx = freepbx_pbx
+        ep = pbx.endpoints
+        (tmp_path / "p").write_text("fpbx-secret\n")
+        os.chmod(tmp_path / "p", 0o600)
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"ami: {{host: 127.0.0.1, port: {ep.ami_port}, username: cvfreepbx, "
+            "password_file: p}\n"
+            f"database: {tmp_path}/consent.db\nrecordings: {{dir: {tmp_path}/rec}}\n"
+            f"prompts_dir: {tmp_path}/prompts\n"
+            f"dialplan: [{ROOT}/dialplan/gemeente.yaml]\ndefault_flow: gemeente\n")
+        res = CliRunner().invoke(main, ["asterisk-config", "--config", str(config),
+                                        "--out", str(pbx.etc_dir)])
+        assert res.exit_code == 0, res.output
+        blocks = _freepbx_blocks()
+        # extensions_custom.conf and features_applicationmap_custom.conf: FreePBX
+        # includes them from extensions.conf and inside [applicationmap]; so does the
+        # test PBX with its project files. A warning fails the reload.
+        pbx.set_dialplan(blocks["extensions_custom.conf"])
+        pbx.set_features(blocks["features_applicationmap_custom.conf"])
+        for context in ("consentivr-entry", "consentivr-flow-gemeente",
+                        "consentivr-withdraw", "consentivr-probe", "consentivr-render"):
+            assert f"'{context}'" in pbx.cli(f"dialplan show {context}"), context
+        assert "AGI(agi://127.0.0.1:4573/gemeente" in pbx.cli(
+            "dialplan show consentivr-flow-gemeente")
+        assert "consentivr_withdraw" in pbx.cli("features show")
+        # manager_custom.conf: FreePBX includes it at the end of manager.conf
+        (pbx.etc_dir / "manager_custom.conf").write_text(blocks["manager_custom.conf"])
+        with (pbx.etc_dir / "manager.conf").open("a") as fh:
+            fh.write("#include manager_custom.conf\n")
+        pbx.cli("manager reload")
+        user = pbx.cli("manager show user cvfreepbx")
+        assert re.search(r"read perm: call,user", user), user
+        assert re.search(r"write perm: system,call,user,reporting,originate", user), user
+        pbx.set_features("; emptied by the FreePBX test\n")
+        pbx.set_dialplan("; emptied by the FreePBX test\n")
