@@ -433,8 +433,9 @@ def _files(settings: Settings, options: Options) -> list[Check]:
         if problems:
             checks.append(Check(f"database ({label})", FAIL,
                                 f"{who.label} cannot read and write {', '.join(problems)}",
-                                f"chown {_name(who)}: {db.parent} {db}* && chmod 700 "
-                                f"{db.parent} && chmod 600 {db}*"))
+                                f"chown {_name(who)}:asterisk {db.parent} && chmod 2750 "
+                                f"{db.parent} && chown {_name(who)} {db}* && chmod 600 "
+                                f"{db}* (the README's user model)"))
         else:
             what = "database and key" if db.exists() else "the database dir (no log yet)"
             checks.append(Check(f"database ({label})", OK, f"{who.label} can read and write "
@@ -476,7 +477,8 @@ def _secrets(settings: Settings, options: Options) -> Check:
             problems.append(f"{path}: {options.user.label} cannot read it")
     if problems:
         return Check("secrets", FAIL, "; ".join(problems),
-                     f"chown root:{_name(options.user)} FILE && chmod 640 FILE (the key: "
-                     f"chown {_name(options.user)}: && chmod 600)")
+                     f"config: chown root:{_name(options.user)} FILE && chmod 640 FILE; "
+                     f"password files and the key: chown {_name(options.user)} FILE && "
+                     "chmod 600 FILE")
     return Check("secrets", OK, "config, password files and caller key: not world-readable, "
                                 f"readable by {options.user.label}")
