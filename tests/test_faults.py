@@ -712,21 +712,22 @@ def test_short_secrets_get_a_warning(all_logs: pytest.LogCaptureFixture) -> None
     assert "shorter than" in all_logs.text
 
 
-def test_database_is_created_0600_and_recordings_dir_0700(settings: Settings) -> None:
+def test_database_is_created_0600_and_recordings_dir_2770(settings: Settings) -> None:
+    # 2770: MixMonitor (group asterisk) writes there, nobody else reads (issue 19)
     prepare_paths(settings)
     open_database(settings.database).close()
     assert stat.S_IMODE(settings.database.stat().st_mode) == 0o600
-    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o2770
     key = load_or_create_key(settings.database, None)
     key_path = settings.database.with_name(settings.database.name + ".key")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600 and len(key.key) == 64
 
 
-def test_existing_recordings_dir_is_tightened_to_0700(settings: Settings) -> None:
+def test_existing_recordings_dir_loses_others_and_keeps_its_group(settings: Settings) -> None:
     settings.recordings.dir.mkdir(parents=True, mode=0o755)
-    os.chmod(settings.recordings.dir, 0o755)
+    os.chmod(settings.recordings.dir, 0o2775)
     prepare_paths(settings)
-    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o2770
 
 
 def test_world_readable_database_warns(settings: Settings,
