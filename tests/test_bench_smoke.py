@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from consentivr.config import WithdrawalSettings
+from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.pbx import SandboxPbx, env_lines
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -66,6 +68,10 @@ def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
             name, _, value = line.removeprefix("export ").partition("=")
             env[name] = value
         env["CONSENTIVR_TEST_ASTERISK_PID"] = str(pbx.pid() or "")
+    # The bench sees this PBX as "your own Asterisk": install the withdrawal parts a
+    # production PBX has, or consentivr (rightly) records nothing.
+    withdrawal = WithdrawalSettings()
+    pbx.set_withdrawal(applicationmap(withdrawal), withdraw_dialplan(withdrawal))
     out, took = run("calls", env)
     rows = table_rows(out)
     modes = {"ARI ws", "ARI http", "dialplan"}
