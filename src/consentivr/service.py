@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from consentivr.agi.server import AgiServer
 from consentivr.ami import AmiPool, Recorder
 from consentivr.ari import AriClient
 from consentivr.config import Settings
+from consentivr.consentlog import caller_key_for, open_consent_log
 from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
@@ -43,7 +45,6 @@ from consentivr.store import (
     ConsentLog,
     GroupCommitter,
     database_is_world_readable,
-    load_or_create_key,
 )
 from consentivr.withdrawalpath import RecordingGate
 
@@ -77,16 +78,18 @@ class LazyLog:
     Used only from the committer's writer thread.
     """
 
-    def __init__(self, path: Path, key: CallerKey) -> None:
+    def __init__(self, path: Path, key: CallerKey,
+                 opener: Callable[[], Any] | None = None) -> None:
         self.path = path
         self.key = key
+        self._opener = opener or (lambda: ConsentLog(path, key))
         self._log: ConsentLog | None = None
         self._lock = threading.Lock()
 
     def open(self) -> ConsentLog:
         with self._lock:
             if self._log is None:
-                self._log = ConsentLog(self.path, self.key)
+                self._log = self._opener()
             return self._log
 
     def __getattr__(self, name: str) -> Any:
@@ -101,7 +104,7 @@ class LazyLog:
 
 def secrets_of(settings: Settings, key: CallerKey | None = None) -> list[str | bytes | None]:
     """Everything that must never appear in a log line."""
-    found: list[str | bytes | None] = [settings.caller_key]
+    found: list[str | bytes | None] = [settings.caller_key, settings.database_password]
     ari = settings.ari
     if ari is not None:
         found += [ari.password, redaction.basic_auth_token(ari.username, ari.password)]
@@ -145,10 +148,10 @@ class Service:
         metrics = self.ops.metrics
         await self.ops.start()  # a taken metrics port is an error before anything runs
         prepare_paths(settings)
-        key = load_or_create_key(settings.database, settings.caller_key,
-                                 settings.callers.default_region)
-        redaction.install([key.key])
-        lazy = LazyLog(settings.database, key)
+        key = caller_key_for(settings)
+        redaction.install([key.key, settings.database_password])
+        # SQLite file or shared PostgreSQL log (consentivr.consentlog).
+        lazy = LazyLog(settings.database, key, lambda: open_consent_log(settings, key))
         try:
             lazy.open()
             metrics.component_up("log", True)

@@ -164,8 +164,12 @@ def calls() -> None:
 
 
 def _open_log(settings: Settings) -> Any:
+    from consentivr.consentlog import open_consent_log
     from consentivr.store import ConsentLog, load_or_create_key
 
+    if settings.database_url is not None:  # a shared PostgreSQL log
+        with friendly_errors():
+            return open_consent_log(settings)
     if not settings.database.exists():
         raise click.ClickException(f"{settings.database}: no consent log yet (no calls so far)")
     with friendly_errors():
@@ -256,6 +260,10 @@ def _register() -> None:
     from consentivr.cli import report
 
     main.add_command(report.report_command)
+
+    from consentivr.cli import db
+
+    main.add_command(db.db)
 
 
 _register()

@@ -31,6 +31,7 @@ import click
 from consentivr.audit import count_rows, verify_chain
 from consentivr.cli import config_option, friendly_errors, settings_from
 from consentivr.config import Settings
+from consentivr.consentlog import open_reader, require_sqlite
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.purgemetrics import recorded_purge
 from consentivr.retention import (
@@ -128,6 +129,7 @@ def _progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[
 
 def _key(settings: Settings) -> CallerKey:
     with _errors():
+        require_sqlite(settings, "this command")
         return load_or_create_key(settings.database, settings.caller_key,
                                   settings.callers.default_region)
 
@@ -187,6 +189,8 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
       consentivr purge --as-of 2025-01-31T00:00:00Z --dry-run
     """
     settings = settings_from(config_path)
+    with _errors():
+        require_sqlite(settings, "purge")
     opts = PurgeOptions(
         as_of=_as_of(as_of), log_retention_days=settings.log_retention_days,
         dry_run=dry_run, grace=grace, delete_orphans=delete_orphans,
@@ -285,7 +289,7 @@ def verify_command(config_path: str, as_json: bool) -> None:
     """
     settings = settings_from(config_path)
     with _errors():
-        conn = _read_only(settings.database)
+        conn = open_reader(settings)  # SQLite file or shared PostgreSQL log
         try:
             interactive = sys.stderr.isatty() and not as_json
             total = count_rows(conn) if interactive else None

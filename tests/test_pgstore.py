@@ -1,0 +1,479 @@
+"""The consent log on both backends (SQLite, a real PostgreSQL): the same rows, the
+same chain, the same verify; and what only a shared log has: schema versions, one
+chain from two nodes writing at once, a server restart under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from consentivr.audit import verify_chain
+from consentivr.cli import main
+from consentivr.config import load_settings
+from consentivr.consentlog import ConsentLogBackend, open_consent_log, open_reader
+from consentivr.errors import StoreError
+from consentivr.pgstore import POSTGRES, Schema
+from consentivr.store import CallerKey, ConsentLog, GroupCommitter
+from consentivr.withdrawal import RecordingLog
+from tests.pg_fixtures import PgServer
+from tests.rights_fixtures import CONFIG, DAY, KEY, T0, record
+
+PGPASS_ENV = "CONSENTIVR_TEST_PGPASS"
+
+
+@dataclass
+class Backend:
+    """One consent log on one backend, and its config for the CLI."""
+
+    kind: str
+    config: Path
+    settings_for: Callable[[str], Any]
+
+    def open(self, node: str = "n1") -> ConsentLogBackend:
+        return open_consent_log(self.settings_for(node))
+
+    def reader(self) -> Any:
+        return open_reader(self.settings_for("n1"))
+
+    def tamper(self, sql: str, params: tuple[object, ...] = ()) -> None:
+        settings = self.settings_for("n1")
+        # The reader is read-only on SQLite: an attacker's own connection instead.
+        conn = (sqlite3.connect(settings.database) if settings.database_url is None
+                else self.reader())
+        try:
+            with conn:
+                conn.execute(sql, params)
+        finally:
+            conn.close()
+
+    def verify(self) -> Any:
+        conn = self.reader()
+        try:
+            return verify_chain(conn)
+        finally:
+            conn.close()
+
+    def add(self, *ns: int, node: str = "n1") -> None:
+        log = self.open(node)
+        try:
+            log.append_many([record(n, decided_at=T0 + n * DAY) for n in ns])
+        finally:
+            log.close()
+
+
+def _write_config(root: Path, database: str, node: str, extra: str = "") -> Path:
+    rec = root / "recordings"
+    rec.mkdir(exist_ok=True)
+    path = root / f"config-{node}.yaml"
+    path.write_text(CONFIG.format(db=database, rec=rec, log_days=730)
+                    + f"node: {node}\n" + extra)
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Backend:
+    if request.param == "sqlite":
+        database, extra = str(tmp_path / "var" / "consent.db"), ""
+    else:
+        server: PgServer = request.getfixturevalue("pg_server")
+        database, extra = server.new_database(), f"database_password_env: {PGPASS_ENV}\n"
+        monkeypatch.setenv(PGPASS_ENV, server.password)
+    configs: dict[str, Path] = {}
+
+    def settings_for(node: str) -> Any:
+        if node not in configs:
+            configs[node] = _write_config(tmp_path, database, node, extra)
+        return load_settings(configs[node], secrets=())
+
+    settings_for("n1")
+    return Backend(request.param, configs["n1"], settings_for)
+
+
+@pytest.fixture
+def pg(pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    monkeypatch.setenv(PGPASS_ENV, pg_server.password)
+    database = pg_server.new_database()
+    configs: dict[str, Path] = {}
+
+    def settings_for(node: str) -> Any:
+        if node not in configs:
+            configs[node] = _write_config(tmp_path, database, node,
+                                          f"database_password_env: {PGPASS_ENV}\n")
+        return load_settings(configs[node], secrets=())
+
+    settings_for("n1")
+    return Backend("postgres", configs["n1"], settings_for)
+
+
+# --- both backends ------------------------------------------------------------------
+
+
+def test_rows_read_back_the_same_on_both_backends(backend: Backend) -> None:
+    backend.add(1, 2, 3)
+    log = backend.open()
+    try:
+        rows = list(log.calls(newest_first=False))
+        assert [r["call_id"] for r in rows] == ["c1", "c2", "c3"]
+        assert [r["seq"] for r in rows] == [1, 2, 3]
+        assert rows[0]["decisions"] == {"callback": "no", "recording": "no"}
+        assert "personal_salt" not in rows[0]
+        assert [r["call_id"] for r in log.calls_of("+31 20 123 4567")] == ["c3", "c2", "c1"]
+        found = log.call("c2")
+        assert found is not None and found["uniqueid"] == "1750000000.2"
+        log.mark_recording("c2", True, None, T0)
+        log.void_late_consent("c3", "late", T0)
+        assert log.call("c2")["recording_confirmed"] == 1  # type: ignore[index]
+        assert log.call("c3")["withdrawn_by"] == "system"  # type: ignore[index]
+    finally:
+        log.close()
+    assert backend.verify().ok
+
+
+def test_a_duplicate_append_says_unique_on_both_backends(backend: Backend) -> None:
+    # The late-write log drops a retry whose row did land: it looks for "UNIQUE".
+    backend.add(1)
+    with pytest.raises(StoreError, match="UNIQUE"):
+        backend.add(1)
+    assert backend.verify().rows == 1
+
+
+@pytest.mark.parametrize(("sql", "bad", "words"), [
+    ("UPDATE calls SET decisions='{\"callback\":\"no\",\"recording\":\"yes\"}' WHERE seq=4",
+     4, "row_hash does not match"),
+    ("UPDATE calls SET caller_hash='0000' WHERE seq=6", 6, "personal fields"),
+    ("UPDATE calls SET personal_salt=NULL WHERE seq=2", 2, "salt was removed"),
+    ("DELETE FROM calls WHERE seq=3", 4, "rows are missing before it"),
+    ("UPDATE calls SET row_hash='f' || substr(row_hash, 2) WHERE seq=8", 8, "row_hash"),
+])
+def test_verify_names_the_first_bad_row_on_both_backends(backend: Backend, sql: str, bad: int,
+                                                        words: str) -> None:
+    backend.add(*range(1, 11))
+    backend.tamper(sql)
+    report = backend.verify()
+    assert not report.ok and report.bad_seq == bad and words in (report.problem or "")
+
+
+def test_verify_catches_reordered_rows_on_both_backends(backend: Backend) -> None:
+    backend.add(*range(1, 8))
+    backend.tamper("UPDATE calls SET seq=-4 WHERE seq=4")
+    backend.tamper("UPDATE calls SET seq=4 WHERE seq=6")
+    backend.tamper("UPDATE calls SET seq=6 WHERE seq=-4")
+    report = backend.verify()
+    assert (report.bad_seq, report.bad_call_id) == (4, "c6")
+
+
+def test_cli_verify_and_calls_on_both_backends(backend: Backend) -> None:
+    backend.add(1, 2, 3)
+    ok = CliRunner().invoke(main, ["verify", "--config", str(backend.config)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.startswith("ok: 3 row(s), 0 redacted; head seq 3 hash ")
+    listed = CliRunner().invoke(main, ["calls", "list", "--json", "--config",
+                                       str(backend.config)])
+    assert listed.exit_code == 0, listed.output
+    assert [json.loads(line)["call_id"] for line in listed.stdout.splitlines()] == \
+        ["c3", "c2", "c1"]
+    backend.tamper("UPDATE calls SET outcome='abandoned' WHERE seq=2")
+    bad = CliRunner().invoke(main, ["verify", "--config", str(backend.config)])
+    assert bad.exit_code == 3
+    assert "chain broken at row seq 2 (call c2)" in bad.stderr
+
+
+def test_group_commit_batches_and_chains_on_both_backends(backend: Backend) -> None:
+    settings = backend.settings_for("n1")
+    committer = GroupCommitter(lambda: open_consent_log(settings))
+    try:
+        futures: list[Future[None]] = [committer.submit("append", record(n))
+                                       for n in range(1, 201)]
+        futures += [committer.submit("mark_recording", (f"c{n}", True, None, T0))
+                    for n in range(1, 201, 7)]
+        for f in futures:
+            f.result(timeout=30)
+        dup = committer.submit("append", record(5))
+        with pytest.raises(StoreError, match="UNIQUE"):
+            dup.result(timeout=30)
+    finally:
+        committer.close()
+    report = backend.verify()
+    assert report.ok and report.rows == 200
+
+
+def test_recording_log_marks_withdrawals_on_both_backends(backend: Backend) -> None:
+    backend.add(1, 2)
+    log = RecordingLog.for_settings(backend.settings_for("n1"))
+    try:
+        assert log.find("1750000000.2")["call_id"] == "c2"  # type: ignore[index]
+        assert log.withdraw("c2", T0 + 3 * DAY, "agent", recorded=False)
+        assert not log.withdraw("c2", T0 + 4 * DAY, "agent", recorded=False)
+    finally:
+        log.close()
+    rows = {r["call_id"]: r for r in backend.open().calls()}
+    assert rows["c2"]["withdrawn_by"] == "agent" and rows["c1"]["withdrawn_at"] is None
+    assert backend.verify().ok
+
+
+# --- PostgreSQL only ----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_two_nodes_writing_at_once_never_fork_the_chain(pg: Backend) -> None:
+    """Two nodes' committers (each its own session, like two hosts) append 600 rows at
+    once; the one chain has no gap and no fork, every row names its node, and an
+    edit on either node's rows is found at that row."""
+    committers = {node: GroupCommitter(lambda n=node: open_consent_log(pg.settings_for(n)))
+                  for node in ("n1", "n2")}
+    go = threading.Event()
+    errors: list[BaseException] = []
+
+    def node_writes(node: str, base: int) -> None:
+        go.wait()
+        futures = [committers[node].submit("append", record(base + i)) for i in range(300)]
+        for f in futures:
+            try:
+                f.result(timeout=60)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=node_writes, args=(n, b))
+               for n, b in (("n1", 1000), ("n2", 5000))]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(timeout=120)
+    for c in committers.values():
+        c.close()
+    assert errors == []
+    report = pg.verify()
+    assert report.ok and report.rows == 600 and report.head_seq == 600
+    conn = pg.reader()
+    try:
+        nodes = {r[0]: r[1] for r in
+                 conn.execute("SELECT node, count(*) FROM calls GROUP BY node").fetchall()}
+        prevs = conn.execute("SELECT count(DISTINCT prev_hash) FROM calls").fetchone()[0]
+        interleaved = conn.execute(
+            "SELECT count(*) FROM calls a JOIN calls b ON b.seq = a.seq + 1 "
+            "WHERE a.node <> b.node").fetchone()[0]
+    finally:
+        conn.close()
+    assert nodes == {"n1": 300, "n2": 300}
+    assert prevs == 600  # no two rows share a predecessor: no fork
+    assert interleaved >= 1  # the two nodes' batches really did meet in the chain
+    # The node is bound into the hash: moving a row to the other node is an edit.
+    pg.tamper("UPDATE calls SET node = CASE node WHEN 'n1' THEN 'n2' ELSE 'n1' END "
+              "WHERE seq = 321")
+    report = pg.verify()
+    assert report.bad_seq == 321 and "row_hash" in (report.problem or "")
+
+
+@pytest.mark.postgres
+def test_an_older_schema_is_refused_until_db_upgrade(pg: Backend,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pg.add(1)  # creates the schema at the current version
+    newer = Schema(POSTGRES.backend, {**POSTGRES.steps, POSTGRES.current + 1: (
+        "ALTER TABLE calls ADD COLUMN site TEXT",)}, POSTGRES.param)
+    monkeypatch.setattr("consentivr.pgstore.POSTGRES", newer)
+    v = POSTGRES.current
+    with pytest.raises(StoreError) as info:
+        pg.open()
+    assert str(info.value).endswith(
+        f"the consent log has schema version {v}, this consentivr needs {v + 1}: "
+        "run `consentivr db upgrade`")
+    assert "\n" not in str(info.value)
+    status = CliRunner().invoke(main, ["db", "status", "--config", str(pg.config)])
+    assert status.exit_code == 1 and "run `consentivr db upgrade`" in status.stderr
+    up = CliRunner().invoke(main, ["db", "upgrade", "--config", str(pg.config)])
+    assert up.exit_code == 0, up.output
+    assert f"schema version {v + 1} (applied version(s) {v + 1})" in up.stdout
+    pg.open().close()
+    again = CliRunner().invoke(main, ["db", "status", "--json", "--config", str(pg.config)])
+    assert json.loads(again.stdout)["version"] == v + 1
+    assert pg.verify().ok
+
+
+@pytest.mark.postgres
+def test_a_newer_schema_is_refused(pg: Backend) -> None:
+    pg.add(1)
+    pg.tamper("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this consentivr"):
+        pg.open()
+
+
+def test_sqlite_db_status_and_an_unversioned_log(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, str(tmp_path / "var" / "consent.db"), "n1")
+    status = CliRunner().invoke(main, ["db", "status", "--config", str(config)])
+    assert status.exit_code == 0 and "no consent log yet" in status.stdout
+    up = CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)])
+    assert up.exit_code == 0 and "schema version 1 (already current)" in up.stdout
+    # A log from before versioning (no meta row) is version 1, the only schema it had.
+    conn = sqlite3.connect(tmp_path / "var" / "consent.db")
+    with conn:
+        conn.execute("DELETE FROM meta")
+    conn.close()
+    ConsentLog(tmp_path / "var" / "consent.db", CallerKey(KEY)).close()
+    with conn_of(tmp_path / "var" / "consent.db") as c:
+        assert c.execute("SELECT value FROM meta").fetchone()[0] == "1"
+    with conn_of(tmp_path / "var" / "consent.db") as c:
+        c.execute("UPDATE meta SET value='7'")
+    with pytest.raises(StoreError, match="schema version 7, newer than this consentivr"):
+        ConsentLog(tmp_path / "var" / "consent.db", CallerKey(KEY))
+
+
+class conn_of:  # a context manager used as a function
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.commit()
+        self.conn.close()
+
+
+@pytest.mark.postgres
+def test_server_restart_fails_writes_closed_then_reconnects(pg: Backend,
+                                                            pg_server: PgServer) -> None:
+    """pg_ctl stop -m fast under a writing committer: every write either committed
+    (and is in the log) or failed with StoreError (the call goes on unrecorded);
+    none is lost or doubled, and writes work again once the server is back."""
+    if not pg_server.own:
+        pytest.skip("CONSENTIVR_TEST_POSTGRES_URL: not our server to restart")
+    settings = pg.settings_for("n1")
+    committer = GroupCommitter(lambda: open_consent_log(settings))
+    outcomes: dict[str, str] = {}
+    try:
+        for n in range(1, 51):
+            committer.submit("append", record(n)).result(timeout=10)
+            outcomes[f"c{n}"] = "ok"
+        pg_server.stop()
+        for n in range(51, 61):
+            try:
+                committer.submit("append", record(n)).result(timeout=10)
+                outcomes[f"c{n}"] = "ok"
+            except StoreError as exc:
+                assert "\n" not in str(exc)
+                outcomes[f"c{n}"] = "failed"
+        pg_server.start()
+        for n in range(61, 81):
+            committer.submit("append", record(n)).result(timeout=15)
+            outcomes[f"c{n}"] = "ok"
+    finally:
+        if not _running(pg_server):
+            pg_server.start()
+        committer.close()
+    failed = {c for c, o in outcomes.items() if o == "failed"}
+    assert failed == {f"c{n}" for n in range(51, 61)}  # fail closed while down
+    conn = pg.reader()
+    try:
+        logged = [r["call_id"] for r in conn.execute("SELECT call_id FROM calls ORDER BY seq")]
+    finally:
+        conn.close()
+    assert len(logged) == len(set(logged))  # no duplicates
+    assert set(logged) == {c for c, o in outcomes.items() if o == "ok"}  # none lost
+    assert pg.verify().ok
+
+
+def _running(server: PgServer) -> bool:
+    assert server.datadir is not None
+    return (server.datadir / "postmaster.pid").exists()
+
+
+@pytest.mark.postgres
+def test_an_unreachable_server_fails_fast_in_one_line(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.pg_fixtures import _free_port
+
+    monkeypatch.setenv(PGPASS_ENV, "x")
+    config = _write_config(tmp_path, f"postgresql://u@127.0.0.1:{_free_port()}/db", "n1",
+                           f"database_password_env: {PGPASS_ENV}\n")
+    with pytest.raises(StoreError) as info:
+        open_consent_log(load_settings(config, secrets=()))
+    assert "cannot connect to the consent log" in str(info.value)
+    assert "\n" not in str(info.value) and "x@" not in str(info.value)
+
+
+# --- config -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("database", "extra", "problem"), [
+    ("postgresql://u:pw@h/db", "database_password_env: X\n", "no password in the URL"),
+    ("postgresql://u@h:5432", "database_password_env: X\n", "name the database"),
+    ("postgresql://u@h:99999/db", "", "not a PostgreSQL URL"),
+    ("/var/lib/consentivr/consent.db", "database_password_env: X\n",
+     "only for a PostgreSQL database"),
+    ("/var/lib/consentivr/consent.db", "node: 'a b'\n", "a node name is"),
+])
+def test_config_problems_of_a_shared_log(tmp_path: Path, database: str, extra: str,
+                                         problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from consentivr.errors import ConfigError
+
+    monkeypatch.setenv("X", "pw")
+    path = tmp_path / "c.yaml"
+    rec = tmp_path / "rec"
+    path.write_text(CONFIG.format(db=database, rec=rec, log_days=730) + extra)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, secrets=())
+    assert problem in str(info.value)
+
+
+def test_a_shared_log_needs_a_configured_caller_key(tmp_path: Path) -> None:
+    from consentivr.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    text = CONFIG.format(db="postgresql://u@h/db", rec=tmp_path / "rec", log_days=730)
+    path.write_text(text.replace("caller_key: k\n", ""))
+    with pytest.raises(ConfigError, match="every node must pseudonymise callers"):
+        load_settings(path, secrets=())
+
+
+def test_a_shared_log_config_reads_password_and_node(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    path = _write_config(tmp_path, "postgresql://consentivr@db1:5432/consent", "pbx-a",
+                         f"database_password_file: {secret}\n")
+    s = load_settings(path, secrets=())
+    assert (s.database_url, s.database_password, s.node) == (
+        "postgresql://consentivr@db1:5432/consent", "s3cret", "pbx-a")
+    assert "s3cret" not in repr(s)
+    default = load_settings(_write_config(tmp_path, str(tmp_path / "c.db"), "x"), secrets=())
+    assert default.database_url is None
+
+
+def test_sqlite_only_commands_refuse_a_shared_log_in_one_line(
+        pg_free_config: Path) -> None:
+    for args in (["purge", "--dry-run"], ["subject", "export", "--caller", "+31201234567"],
+                 ["report", "--format", "json"]):
+        result = CliRunner().invoke(main, [*args, "--config", str(pg_free_config)])
+        assert result.exit_code == 1, (args, result.output)
+        assert "does not run on a PostgreSQL consent log yet" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def pg_free_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A shared-log config whose server is never contacted."""
+    monkeypatch.setenv(PGPASS_ENV, "pw")
+    yield _write_config(tmp_path, "postgresql://u@127.0.0.1:1/db", "n1",
+                        f"database_password_env: {PGPASS_ENV}\n")
+
+
+def test_the_node_is_in_the_chain_hash_only_when_there_is_one() -> None:
+    from consentivr.store import chain_hash
+
+    row = {"seq": 1, "call_id": "c1"}
+    assert chain_hash("0", row, "d") == chain_hash("0", {**row, "node": None}, "d")
+    assert chain_hash("0", row, "d") != chain_hash("0", {**row, "node": "n1"}, "d")
+    assert os.environ.get(PGPASS_ENV) is None
