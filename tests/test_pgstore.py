@@ -477,3 +477,21 @@ def test_the_node_is_in_the_chain_hash_only_when_there_is_one() -> None:
     assert chain_hash("0", row, "d") == chain_hash("0", {**row, "node": None}, "d")
     assert chain_hash("0", row, "d") != chain_hash("0", {**row, "node": "n1"}, "d")
     assert os.environ.get(PGPASS_ENV) is None
+
+
+def test_recovery_lookup_reads_both_backends(backend: Backend) -> None:
+    import asyncio
+
+    from consentivr.recovery import lookup_for
+
+    backend.add(1, 2)
+    log = backend.open()
+    try:
+        log.mark_recording("c2", True, None, T0)
+    finally:
+        log.close()
+    lookup = lookup_for(backend.settings_for("n1"))
+    found = asyncio.run(lookup("1750000000.2"))
+    assert found is not None and (found.call_id, found.recording_confirmed) == ("c2", True)
+    assert found.decisions == {"callback": "no", "recording": "no"}
+    assert asyncio.run(lookup("nope")) is None

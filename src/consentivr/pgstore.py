@@ -362,20 +362,38 @@ class PostgresConsentLog:
                                 lambda: connect(self.url, self._password))
 
 
-class _Row(dict[str, Any]):
-    """A row readable by name and by position, as sqlite3.Row is."""
+class _Row:
+    """A row as ``sqlite3.Row`` is: by name or position, iterating values, ``keys()``
+    (so ``dict(row)`` works)."""
 
-    def __getitem__(self, key: Any) -> Any:
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: list[str], values: tuple[Any, ...]) -> None:
+        self._names, self._values = names, values
+
+    def keys(self) -> list[str]:
+        return self._names
+
+    def __getitem__(self, key: int | str) -> Any:
         if isinstance(key, int):
-            return list(self.values())[key]
-        return super().__getitem__(key)
+            return self._values[key]
+        try:
+            return self._values[self._names.index(key)]
+        except ValueError:
+            raise IndexError(f"no such column: {key}") from None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 def _compat_row(cursor: Any) -> Any:
     names = [c.name for c in cursor.description or ()]
 
     def make(values: Any) -> _Row:
-        return _Row(zip(names, values, strict=True))
+        return _Row(names, tuple(values))
 
     return make
 

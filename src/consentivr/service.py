@@ -38,7 +38,7 @@ from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
 from consentivr.paths import make_private_dir
-from consentivr.recovery import lookup_in
+from consentivr.recovery import lookup_for
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
     CallerKey,
@@ -187,7 +187,7 @@ class Service:
             recorder = Recorder(self.pool)
         self.ari = AriClient(settings.ari)
         self.app = StasisApp(settings, self.ari, recorder, writer,
-                             lookup=lookup_in(settings.database), observer=metrics, gate=gate)
+                             lookup=lookup_for(settings), observer=metrics, gate=gate)
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(self.app))
         if wait_connected:
             await asyncio.wait_for(self.connected.wait(), wait_connected)
