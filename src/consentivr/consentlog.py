@@ -72,7 +72,7 @@ def open_consent_log(settings: Settings, key: CallerKey | None = None,
     return ConsentLog(settings.database, key)
 
 
-def open_reader(settings: Settings) -> Any:
+def open_reader(settings: Settings, reconnect: bool = True) -> Any:
     """A read connection shaped like ``sqlite3.Connection`` (``?`` placeholders, rows
     by name or index) on either backend; the caller closes it."""
     if settings.database_url is not None:
@@ -80,7 +80,7 @@ def open_reader(settings: Settings) -> Any:
 
         url, password = settings.database_url, settings.database_password
         return CompatConnection(connect(url, password), safe_url(url),
-                                lambda: connect(url, password))
+                                (lambda: connect(url, password)) if reconnect else None)
     import sqlite3
 
     path = settings.database
@@ -93,6 +93,17 @@ def open_reader(settings: Settings) -> Any:
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
     return conn
+
+
+def open_log_for(settings: Settings) -> Any:
+    """A read-write connection for the rights commands (purge, subject, callbacks),
+    shaped like ``sqlite3.Connection``: :func:`consentivr.retention.open_log` on the
+    SQLite file, a session on a shared PostgreSQL log."""
+    if settings.database_url is not None:
+        return open_reader(settings)
+    from consentivr.retention import open_log
+
+    return open_log(settings.database)
 
 
 def require_sqlite(settings: Settings, command: str) -> None:

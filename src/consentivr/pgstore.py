@@ -22,14 +22,15 @@ Same rows, same hash chain, same guarantees as :mod:`consentivr.store` (SQLite):
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from consentivr.errors import StoreError
 from consentivr.messages import DecisionRecord
@@ -77,7 +78,8 @@ CREATE TABLE calls (
     prev_hash TEXT NOT NULL,
     row_hash TEXT NOT NULL,
     recording_purged_at TEXT,
-    redacted_at TEXT
+    redacted_at TEXT,
+    erase_requested_at TEXT  -- subject erase on another node: this node's purge finishes it
 )"""
 
 _PURGE_RUNS_V1 = """
@@ -99,7 +101,8 @@ CREATE TABLE purge_runs (
     in_progress INTEGER NOT NULL DEFAULT 0,
     refused INTEGER NOT NULL DEFAULT 0,
     head_seq BIGINT,
-    head_hash TEXT
+    head_hash TEXT,
+    summary TEXT
 )"""
 
 POSTGRES = Schema("postgresql", {
@@ -114,6 +117,15 @@ POSTGRES = Schema("postgresql", {
         "CREATE INDEX calls_decided_at ON calls(decided_at)",
         "CREATE INDEX calls_uniqueid ON calls(uniqueid)",
         _PURGE_RUNS_V1,
+        "CREATE TABLE purge_items (id BIGSERIAL PRIMARY KEY, "
+        "run_id BIGINT NOT NULL REFERENCES purge_runs(id), seq BIGINT, action TEXT NOT NULL, "
+        "state TEXT NOT NULL, path TEXT, at TEXT NOT NULL)",
+        "CREATE INDEX purge_items_run ON purge_items(run_id)",
+        "CREATE INDEX purge_items_pending ON purge_items(state) WHERE state = 'pending'",
+        "CREATE INDEX calls_callback_until ON calls(callback_until) "
+        "WHERE caller_number IS NOT NULL",
+        "CREATE TABLE subject_requests (id BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, "
+        "at TEXT NOT NULL)",
     ),
 }, "%s")
 
@@ -389,6 +401,35 @@ class _Row:
         return len(self._values)
 
 
+_INDEXED_BY = re.compile(r"\s+INDEXED BY \w+", re.IGNORECASE)
+
+
+def translate(sql: str) -> str:
+    """The log's SQLite dialect, as the readers write it, in PostgreSQL's: ``?``
+    placeholders, no ``INDEXED BY`` hints, ``last_insert_rowid()``."""
+    sql = _INDEXED_BY.sub("", sql).replace("last_insert_rowid()", "lastval()")
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Cursor:
+    """A psycopg cursor with sqlite3's ``lastrowid`` (the serial id just inserted)."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cur)
+
+    @property
+    def lastrowid(self) -> int:
+        found = self._cur.connection.cursor(row_factory=tuple_row).execute(
+            "SELECT lastval()").fetchone()
+        return int(found[0])
+
+
 def _compat_row(cursor: Any) -> Any:
     names = [c.name for c in cursor.description or ()]
 
@@ -420,15 +461,29 @@ class CompatConnection:
             self.pg = self._reconnect()
         return self.pg
 
-    def execute(self, sql: str, params: tuple[object, ...] | list[object] = ()) -> Any:
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Any:
         if sql.strip().upper() in ("BEGIN", "BEGIN IMMEDIATE"):
-            return None  # ``with conn:`` already opened the transaction
+            if self.in_transaction:
+                return None  # ``with conn:`` already opened the transaction
+            sql = "BEGIN"
         cur = self._session().cursor(row_factory=_compat_row)
         try:
-            return cur.execute(sql.replace("%", "%%").replace("?", "%s"),  # type: ignore[arg-type]
-                               tuple(params))
+            cur.execute(translate(sql), tuple(params))  # type: ignore[arg-type]  # our SQL
         except psycopg.Error as exc:
             raise StoreError(f"{self.where}: {_one_line(exc)}") from exc
+        return _Cursor(cur)
+
+    def executemany(self, sql: str, params: Iterable[Sequence[object]]) -> Any:
+        cur = self._session().cursor(row_factory=_compat_row)
+        try:
+            cur.executemany(translate(sql), [tuple(p) for p in params])  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.where}: {_one_line(exc)}") from exc
+        return _Cursor(cur)
+
+    def executescript(self, script: str) -> None:
+        """The SQLite modules create their tables on open; here the migrations
+        (:data:`POSTGRES`) own every table, so there is nothing to do."""
 
     @property
     def in_transaction(self) -> bool:

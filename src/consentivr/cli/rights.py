@@ -31,7 +31,7 @@ import click
 from consentivr.audit import count_rows, verify_chain
 from consentivr.cli import config_option, friendly_errors, settings_from
 from consentivr.config import Settings
-from consentivr.consentlog import open_reader, require_sqlite
+from consentivr.consentlog import caller_key_for, open_log_for, open_reader
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.purgemetrics import recorded_purge
 from consentivr.retention import (
@@ -42,12 +42,11 @@ from consentivr.retention import (
     PurgeOptions,
     PurgeReport,
     count_due,
-    open_log,
     parse_as_of,
     run_purge,
     show_path,
 )
-from consentivr.store import CallerKey, load_or_create_key
+from consentivr.store import CallerKey
 from consentivr.subject import (
     callback_list,
     erase_plan,
@@ -129,9 +128,13 @@ def _progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[
 
 def _key(settings: Settings) -> CallerKey:
     with _errors():
-        require_sqlite(settings, "this command")
-        return load_or_create_key(settings.database, settings.caller_key,
-                                  settings.callers.default_region)
+        return caller_key_for(settings)
+
+
+def _shared(settings: Settings) -> Settings | None:
+    """The settings when the log is a shared PostgreSQL one (the rights library's
+    ``shared`` argument), else None."""
+    return settings if settings.database_url is not None else None
 
 
 def _echo_list(lines: list[str], prefix: str) -> None:
@@ -189,8 +192,6 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
       consentivr purge --as-of 2025-01-31T00:00:00Z --dry-run
     """
     settings = settings_from(config_path)
-    with _errors():
-        require_sqlite(settings, "purge")
     opts = PurgeOptions(
         as_of=_as_of(as_of), log_retention_days=settings.log_retention_days,
         dry_run=dry_run, grace=grace, delete_orphans=delete_orphans,
@@ -202,7 +203,7 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
         with _progress(bar_total, "purging", quiet=not interactive) as tick:
             report = run_purge(settings.database, settings.recordings.dir, opts,
                                progress=tick, previous_dirs=settings.recordings.previous_dirs,
-                               allow_missing=allow_missing)
+                               allow_missing=allow_missing, shared=_shared(settings))
         done(report)  # the node_exporter textfile (purge.metrics_file), if configured
     if as_json:
         # ASCII escapes: a file name that is not UTF-8 must not crash a strict locale.
@@ -214,7 +215,7 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
 
 
 def _count_due(settings: Settings, opts: PurgeOptions) -> int:
-    conn = open_log(settings.database)
+    conn = open_log_for(settings)
     try:
         return count_due(conn, opts)
     finally:
@@ -344,7 +345,7 @@ def subject_export(config_path: str, number: str, out: Path | None) -> None:
     key = _key(settings)
     with _errors():
         number = normalise_number(number)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             export = export_subject(conn, settings.recordings.dir, key, number, out,
                                     settings.recordings.previous_dirs)
@@ -389,7 +390,7 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
     key = _key(settings)
     with _errors():
         number = normalise_number(number)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             plan = erase_plan(conn, key, number)
         finally:
@@ -403,7 +404,7 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
     with _errors():
         report = erase_subject(settings.database, settings.recordings.dir, key, number,
                                previous_dirs=settings.recordings.previous_dirs,
-                               allow_missing=allow_missing)
+                               allow_missing=allow_missing, shared=_shared(settings))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -453,7 +454,7 @@ def callbacks_export(config_path: str, fmt: str, as_of: float | None) -> None:
     settings = settings_from(config_path)
     when = _as_of(as_of)
     with _errors():
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             rows = callback_list(conn, settings.flows, when, settings.callers.default_region)
         finally:
