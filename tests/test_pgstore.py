@@ -454,18 +454,21 @@ def test_a_shared_log_config_reads_password_and_node(tmp_path: Path,
     assert default.database_url is None
 
 
-def test_a_sqlite_only_command_refuses_a_shared_log_in_one_line(
+def test_a_shared_log_that_is_down_is_one_line_for_every_command(
         pg_free_config: Path) -> None:
-    for args in (["report", "--format", "json"],):
+    for args in (["report", "--format", "json"], ["purge", "--dry-run"], ["verify"],
+                 ["subject", "export", "--caller", "+31201234567"], ["db", "status"],
+                 ["calls", "list"], ["callbacks", "export"]):
         result = CliRunner().invoke(main, [*args, "--config", str(pg_free_config)])
         assert result.exit_code == 1, (args, result.output)
-        assert "does not run on a PostgreSQL consent log yet" in result.stderr
+        assert "postgresql://u@127.0.0.1:1/db: cannot connect to the consent log" \
+            in result.stderr
         assert result.stderr.count("\n") == 1
 
 
 @pytest.fixture
 def pg_free_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A shared-log config whose server is never contacted."""
+    """A shared-log config whose server is never there."""
     monkeypatch.setenv(PGPASS_ENV, "pw")
     yield _write_config(tmp_path, "postgresql://u@127.0.0.1:1/db", "n1",
                         f"database_password_env: {PGPASS_ENV}\n")
@@ -620,3 +623,28 @@ def test_one_purge_at_a_time_across_nodes(pg: Backend) -> None:
     finally:
         holder.close()
     assert _cli(pg, "n2", "purge", "--dry-run").exit_code == 0
+
+
+def test_report_on_both_backends(backend: Backend) -> None:
+    _calls_with_files(backend, "n1", range(1, 4))
+    log = backend.open()
+    try:
+        log.mark_recording("c1", True, None, T0 + 1)
+    finally:
+        log.close()
+    rl = RecordingLog.for_settings(backend.settings_for("n1"))
+    try:
+        rl.withdraw("c2", T0 + 12, "agent", recorded=False)
+        rl.withdraw("c3", T0 + 33, "agent", recorded=False)
+        rl.recording_stopped("1750000000.1", T0 + 61)
+    finally:
+        rl.close()
+    result = _cli(backend, "n1", "report", "--format", "json")
+    assert result.exit_code == 3, result.output  # 3: recordings past retention (2025)
+    assert "past retention" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["calls"] == 3 and report["chain"]["ok"] is True
+    assert report["recordings"]["count"] == 1 and report["recordings"]["seconds"] == 60.0
+    assert report["retention"]["held"] == 3
+    agent = next(w for w in report["withdrawals"]["by"] if w["by"] == "agent")
+    assert (agent["count"], agent["median_seconds"]) == (2, 40.0)  # withdrawn after 30, 50 s

@@ -2,9 +2,10 @@
 
 :class:`ConsentLogBackend` is what :class:`consentivr.store.GroupCommitter` and the
 CLI need of a log. :func:`open_consent_log` picks the backend from ``database:`` (a
-path, or ``postgresql://user@host:port/dbname``). Commands that still read the
-SQLite file directly call :func:`require_sqlite`, which refuses a PostgreSQL log
-with one clear line instead of opening a stray local file.
+path, or ``postgresql://user@host:port/dbname``). The readers and the rights
+commands take a connection shaped like ``sqlite3.Connection`` from
+:func:`open_reader` / :func:`open_log_for`: the SQLite file, or a PostgreSQL session
+through :class:`consentivr.pgstore.CompatConnection`.
 """
 
 from __future__ import annotations
@@ -104,10 +105,3 @@ def open_log_for(settings: Settings) -> Any:
     from consentivr.retention import open_log
 
     return open_log(settings.database)
-
-
-def require_sqlite(settings: Settings, command: str) -> None:
-    """Refuse, in one line, a command that does not run on a PostgreSQL log yet."""
-    if settings.database_url is not None:
-        raise StoreError(f"{command} does not run on a PostgreSQL consent log yet "
-                         "(issue 14): use `consentivr verify`, `calls`, `db`")
