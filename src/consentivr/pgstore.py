@@ -130,6 +130,10 @@ POSTGRES = Schema("postgresql", {
 }, "%s")
 
 
+_IN_TX = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR,
+          psycopg.pq.TransactionStatus.ACTIVE)
+
+
 def is_postgres_url(text: str) -> bool:
     return text.startswith(URL_SCHEMES)
 
@@ -237,8 +241,8 @@ class PostgresConsentLog:
 
     @property
     def in_transaction(self) -> bool:
-        return (not self.conn.closed and self.conn.info.transaction_status
-                != psycopg.pq.TransactionStatus.IDLE)
+        # A lost session is UNKNOWN, not in a transaction: the next one reconnects.
+        return not self.conn.closed and self.conn.info.transaction_status in _IN_TX
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -487,7 +491,7 @@ class CompatConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return self.pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        return not self.pg.closed and self.pg.info.transaction_status in _IN_TX
 
     def __enter__(self) -> CompatConnection:
         self._tx = self._session().transaction()
