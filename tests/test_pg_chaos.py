@@ -180,3 +180,88 @@ async def _until(predicate: Callable[[], bool], timeout: float) -> None:
         if loop.time() > deadline:
             return
         await asyncio.sleep(0.5)
+
+
+TWO_NODES_DIALPLAN = """
+[pg-two-nodes]
+; Local/ari-<flow>@pg-two-nodes goes to the ARI node, agi-<flow> to the FastAGI node.
+exten => _ari-.,1,Stasis(consentivr,${EXTEN:4})
+ same => n,Set(CONSENTIVR_RECORDING=no)
+ same => n,Goto(consentivr-dest,s,1)
+exten => _agi-.,1,AGI(${PG_TEST_AGI_URL}/${EXTEN:4},${CHANNEL(linkedid)})
+ same => n,Set(CONSENTIVR_RECORDING=no)
+ same => n,Goto(consentivr-dest,s,1)
+"""
+
+
+def test_two_nodes_share_one_log(pbx: Any, pg_server: PgServer,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ARI node and a FastAGI node (two services, each with its own recordings
+    dir) take real calls at the same time into one PostgreSQL log: on each node the
+    recordings are exactly its rows with a confirmed yes, and the one chain verifies."""
+    import tempfile
+
+    monkeypatch.setenv(PGPASS_ENV, pg_server.password)
+    pbx.set_dialplan(dialplan_for_tests(agent_sound="beep") + TWO_NODES_DIALPLAN)
+    shared: Path = pbx.shared_dir
+    shared.mkdir(parents=True, exist_ok=True)
+    url = pg_server.new_database()
+    beds = {mode: _shared_log_bed(pbx, Path(tempfile.mkdtemp(prefix=f"pg2-{mode}-",
+                                                             dir=shared)), mode, url)
+            for mode in ("ari", "agi")}
+    rng = random.Random(2)
+    placed: dict[str, tuple[str, str]] = {}  # call id -> (node, key)
+
+    async def one_call(n: int) -> None:
+        mode = "ari" if n % 2 else "agi"
+        node, caller = beds[mode], beds["ari"]
+        key = rng.choice(["1", "2"])
+        call = await caller.call(context="pg-two-nodes", exten=f"{mode}-main",
+                                 caller_number=f"+3130{n:07d}")
+        await node.wait_phase(call, Phase.NOTICE, timeout=30)
+        call_id = node.session(call).info.call_id
+        await node.wait_phase(call, Phase.QUESTION_PROMPT, 0, timeout=30)
+        await caller.press(call, key)
+        await node.wait_left_app(call, timeout=45)
+        assert await caller.reached_destination(call_id, timeout=20)
+        await caller.channel_gone(call.stasis_id, timeout=60)
+        placed[call_id] = (f"node-{mode}", key)
+
+    async def main() -> None:
+        await beds["ari"].start()  # the caller app lives here
+        await beds["agi"].start_service()
+        try:
+            host, port = beds["agi"].agi.address
+            await beds["ari"].caller.request("POST", "/asterisk/variable", {
+                "variable": "PG_TEST_AGI_URL", "value": f"agi://{host}:{port}"})
+            sem = asyncio.Semaphore(CONCURRENCY)
+
+            async def limited(n: int) -> None:
+                async with sem:
+                    await one_call(n)
+
+            await asyncio.wait_for(asyncio.gather(*(limited(n) for n in range(16))), 300)
+        finally:
+            await beds["agi"].stop_service()
+            await beds["ari"].stop()
+
+    asyncio.run(main())
+    rows = {r["call_id"]: r for r in _rows(beds["ari"])}
+    assert set(rows) == set(placed)
+    for mode, bed in beds.items():
+        node = f"node-{mode}"
+        files = {p.stem for p in bed.recordings_dir.rglob("*") if p.is_file()}
+        yes = {c for c, r in rows.items() if r["node"] == node
+               and json.loads(r["decisions"]).get("recording") == "yes"
+               and r["recording_confirmed"] == 1}
+        assert files == yes, mode
+        assert {c for c, (n, k) in placed.items() if n == node and k == "1"} == yes, mode
+    assert {r["node"] for r in rows.values()} == {"node-ari", "node-agi"}
+    conn = open_reader(beds["ari"].settings)
+    try:
+        chain = verify_chain(conn)
+    finally:
+        conn.close()
+    assert chain.ok and chain.rows == len(placed), chain.problem
+    print(f"\ntwo nodes: {len(placed)} calls, "
+          f"{Counter(n for n, _ in placed.values())}, chain ok ({chain.rows} rows)")
