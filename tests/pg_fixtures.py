@@ -16,6 +16,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -70,6 +71,28 @@ class PgServer:
 
     def start(self) -> None:
         self._pg_ctl("-l", str(self.datadir / "server.log"), "start")
+
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (the backends): the processes of our cluster."""
+        assert self.datadir is not None
+        postmaster = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> list[int]:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers, as a
+        server stuck on a dead disk. Returns the pids for :meth:`resume`."""
+        pids = self._pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def resume(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def new_database(self) -> str:
         import psycopg

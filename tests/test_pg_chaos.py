@@ -3,13 +3,15 @@
 consentivr runs with ``database: postgresql://...`` against a throwaway cluster
 (tests/pg_fixtures.py). Calls are placed in a steady stream, each answering yes or
 no at random; meanwhile PostgreSQL is stopped (``pg_ctl stop -m fast``) and, some
-seconds later, started again. Afterwards:
+seconds later, started again; later it is frozen (SIGSTOP of its processes: a server
+that neither answers nor refuses) for 9 s. Afterwards:
 
 1. no recording without a committed yes: every recording file belongs to a row whose
    recording decision is yes and whose recording was confirmed;
 2. no lost decision: every call that reached the destination has exactly one row
    (a call that went on during the outage, told "not logged", has its row written
-   late, as what was acted on: not recorded);
+   late, as what was acted on: not recorded; a row that committed only after its
+   call went on is voided);
 3. no duplicates, and the hash chain verifies.
 
 The counts are printed (``-s``) for the closing note.
@@ -37,7 +39,7 @@ from tests.pg_fixtures import PgServer
 pytestmark = [pytest.mark.asterisk, pytest.mark.postgres, pytest.mark.chaos]
 
 PGPASS_ENV = "CONSENTIVR_TEST_PGPASS"
-CALLS = 36
+CALLS = 48
 CONCURRENCY = 4
 
 
@@ -77,7 +79,6 @@ def test_postgres_restart_during_real_calls(pbx: Any, pg_server: PgServer, mode:
     bed = _shared_log_bed(pbx, work, mode, pg_server.new_database())
     rng = random.Random(14)
     outcomes: dict[str, dict[str, Any]] = {}
-    outage = {"stopped": 0.0, "started": 0.0}
 
     async def one_call(n: int) -> None:
         key = rng.choice(["1", "2"])
@@ -101,13 +102,16 @@ def test_postgres_restart_during_real_calls(pbx: Any, pg_server: PgServer, mode:
         await asyncio.gather(*(limited(n) for n in range(CALLS)))
 
     async def chaos() -> None:
-        loop = asyncio.get_running_loop()
         await asyncio.sleep(6)
-        outage["stopped"] = loop.time()
-        await asyncio.to_thread(pg_server.stop)
+        await asyncio.to_thread(pg_server.stop)  # restarted: connections refused
         await asyncio.sleep(10)
         await asyncio.to_thread(pg_server.start)
-        outage["started"] = loop.time()
+        await asyncio.sleep(6)
+        paused = pg_server.pause()  # blocked: nothing answers, nothing is refused
+        try:
+            await asyncio.sleep(9)
+        finally:
+            pg_server.resume(paused)
 
     async def main() -> None:
         await bed.start()
@@ -144,8 +148,10 @@ def test_postgres_restart_during_real_calls(pbx: Any, pg_server: PgServer, mode:
         chain = verify_chain(conn)
     finally:
         conn.close()
+    voided = sum(1 for r in rows if r["withdrawn_by"] == "system")
     print(f"\npg chaos ({mode}): {len(outcomes)} calls, {dict(counts)}, "
-          f"{len(not_logged)} told 'not logged' during the outage, rows {len(rows)}, "
+          f"{len(not_logged)} told 'not logged' during the outages ({voided} of their rows "
+          f"committed late and voided), rows {len(rows)}, "
           f"recordings without a committed yes {len(bad_files)}, lost decisions "
           f"{len(lost)}, duplicates {len(dupes)}, chain ok {chain.ok} ({chain.rows} rows)")
     assert len(outcomes) == CALLS

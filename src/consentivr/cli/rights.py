@@ -258,18 +258,6 @@ def _print_purge(report: PurgeReport) -> None:
 # --- verify ----------------------------------------------------------------------
 
 
-def _read_only(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise StoreError(f"{path}: no consent log here")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
-        conn.execute("SELECT 1 FROM calls LIMIT 1")
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
-    return conn
-
-
 @click.command("verify")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
