@@ -648,3 +648,14 @@ def test_report_on_both_backends(backend: Backend) -> None:
     assert report["retention"]["held"] == 3
     agent = next(w for w in report["withdrawals"]["by"] if w["by"] == "agent")
     assert (agent["count"], agent["median_seconds"]) == (2, 40.0)  # withdrawn after 30, 50 s
+
+
+@pytest.mark.postgres
+def test_an_empty_database_is_no_log_for_readers_and_created_by_writers(pg: Backend) -> None:
+    verify = CliRunner().invoke(main, ["verify", "--config", str(pg.config)])
+    assert verify.exit_code == 1
+    assert verify.stderr.strip().endswith(
+        "no consent log here (an empty database; `consentivr db upgrade` creates it)")
+    purge = CliRunner().invoke(main, ["purge", "--dry-run", "--config", str(pg.config)])
+    assert purge.exit_code == 0, purge.output  # a writer creates the schema, as on SQLite
+    assert CliRunner().invoke(main, ["verify", "--config", str(pg.config)]).exit_code == 0

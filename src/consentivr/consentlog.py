@@ -73,14 +73,21 @@ def open_consent_log(settings: Settings, key: CallerKey | None = None,
     return ConsentLog(settings.database, key)
 
 
-def open_reader(settings: Settings, reconnect: bool = True) -> Any:
-    """A read connection shaped like ``sqlite3.Connection`` (``?`` placeholders, rows
-    by name or index) on either backend; the caller closes it."""
+def open_reader(settings: Settings, reconnect: bool = True, create: bool = False) -> Any:
+    """A connection shaped like ``sqlite3.Connection`` (``?`` placeholders, rows by
+    name or index) on either backend; the caller closes it. On PostgreSQL the schema
+    version is checked first (``create``: an empty database gets the schema)."""
     if settings.database_url is not None:
-        from consentivr.pgstore import CompatConnection, connect, safe_url
+        from consentivr.pgstore import CompatConnection, check_schema, connect, safe_url
 
         url, password = settings.database_url, settings.database_password
-        return CompatConnection(connect(url, password), safe_url(url),
+        session = connect(url, password)
+        try:
+            check_schema(session, safe_url(url), create=create)
+        except BaseException:
+            session.close()
+            raise
+        return CompatConnection(session, safe_url(url),
                                 (lambda: connect(url, password)) if reconnect else None)
     import sqlite3
 
@@ -101,7 +108,7 @@ def open_log_for(settings: Settings) -> Any:
     shaped like ``sqlite3.Connection``: :func:`consentivr.retention.open_log` on the
     SQLite file, a session on a shared PostgreSQL log."""
     if settings.database_url is not None:
-        return open_reader(settings)
+        return open_reader(settings, create=True)
     from consentivr.retention import open_log
 
     return open_log(settings.database)

@@ -196,6 +196,28 @@ def upgrade(conn: psycopg.Connection[Any], schema: Schema | None = None) -> list
     return applied
 
 
+def check_schema(conn: psycopg.Connection[Any], where: str, create: bool,
+                 schema: Schema | None = None) -> None:
+    """Refuse a log whose schema is not this consentivr's, in one line. An empty
+    database is created at the current version when ``create`` (a writer), else
+    refused (a reader has nothing to read)."""
+    schema = schema or POSTGRES
+    try:
+        version = schema_state(conn)
+        if version is None:
+            if not create:
+                raise StoreError(f"{where}: no consent log here (an empty database; "
+                                 "`consentivr db upgrade` creates it)")
+            upgrade(conn, schema)
+            return
+    except psycopg.Error as exc:
+        raise StoreError(f"{where}: cannot read the schema version: {_one_line(exc)}") \
+            from exc
+    problem = refusal(schema, where, version)
+    if problem is not None:
+        raise StoreError(problem)
+
+
 class PostgresConsentLog:
     """The consent log on PostgreSQL: the same methods as :class:`store.ConsentLog`.
 
@@ -217,17 +239,7 @@ class PostgresConsentLog:
             self._check_schema()
 
     def _check_schema(self) -> None:
-        try:
-            version = schema_state(self.conn)
-            if version is None:  # an empty database: create the current schema
-                upgrade(self.conn, self.schema)
-                return
-        except psycopg.Error as exc:
-            raise StoreError(f"{self.path}: cannot read the schema version: "
-                             f"{_one_line(exc)}") from exc
-        problem = refusal(self.schema, self.path, version)
-        if problem is not None:
-            raise StoreError(problem)
+        check_schema(self.conn, self.path, create=True, schema=self.schema)
 
     def close(self) -> None:
         self.conn.close()

@@ -1076,7 +1076,8 @@ def shared_log(settings: Any, database: Path,
     from consentivr.consentlog import open_reader
     from consentivr.pgstore import REDACTION_LOCK
 
-    conn = open_reader(settings, reconnect=False)  # a new session would not hold the lock
+    # No reconnect: a new session would not hold the lock.
+    conn = open_reader(settings, reconnect=False, create=True)
     try:
         deadline = time.monotonic() + wait
         while not conn.execute("SELECT pg_try_advisory_lock(?)",
