@@ -40,6 +40,7 @@ CALL = CallInfo(
 )
 LANGUAGES = ("en", "de")
 YES, NO, OBJECT = "1", "2", "9"
+REPEAT, MORE = "0", "8"  # the caller-help keys of make_flow(help_keys=True)
 DESTINATION = Destination(context="from-internal", exten="200", priority=1)
 
 
@@ -93,6 +94,8 @@ def make_flow(
     invalid: bool = True,
     languages: tuple[str, ...] = LANGUAGES,
     max_menu_seconds: float = 120.0,
+    help_keys: bool = False,
+    language_by_country: dict[str, str] | None = None,
 ) -> Flow:
     menu = (
         LanguageMenu(
@@ -113,6 +116,10 @@ def make_flow(
         language_menu=menu,
         invalid={lang: prompt(f"invalid-{lang}") for lang in languages} if invalid else {},
         max_menu_seconds=max_menu_seconds,
+        repeat_key=REPEAT if help_keys else None,
+        more_info={lang: prompt(f"more-{lang}") for lang in languages} if help_keys else {},
+        more_info_key=MORE if help_keys else None,
+        language_by_country=language_by_country or {},
     )
 
 
@@ -226,6 +233,13 @@ def drive_to(phase: Phase, flow: Flow | None = None) -> Driver:
     The path: language "en" by key, notice heard, recording yes, callback yes,
     survey objected, logged, recording confirmed.
     """
+    if phase is Phase.MORE_INFO:
+        # A key during the notice asks for more information.
+        d = Driver(flow or make_flow(language_menu=True, help_keys=True))
+        for step in (d.start, d.played, lambda: d.digit("1"), lambda: d.digit(MORE)):
+            step()
+        assert d.phase is phase
+        return d
     d = Driver(flow or make_flow(language_menu=True))
     steps = [
         (Phase.LANGUAGE_PROMPT, d.start),

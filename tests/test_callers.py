@@ -121,8 +121,8 @@ def test_a_row_stored_national_is_found_by_an_international_spelling(tmp_path: P
     assert listed.exit_code == 0, listed.output
     assert sorted(json.loads(line)["seq"] for line in listed.output.splitlines()) == [1, 3, 4]
     # The old clear number is exported in E.164, once.
-    out = CliRunner().invoke(main, ["callbacks", "export", "--config", str(env.config),
-                                    "--as-of", "2025-06-16", "--format", "json"])
+    out = CliRunner().invoke(main, ["callbacks", "export", "--by", "test", "--config",
+                                    str(env.config), "--as-of", "2025-06-16", "--format", "json"])
     assert out.exit_code == 0, out.output
     assert [r["number"] for r in json.loads(out.output)] == [E164]
 

@@ -50,8 +50,9 @@ from typing import Any
 import pytest
 
 from consentivr.ari import AriClient
-from consentivr.config import AriSettings, load_settings
+from consentivr.config import AriSettings, WithdrawalSettings, load_settings
 from consentivr.errors import ConsentivrError
+from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.pbx import SandboxPbx
 from consentivr.store import load_or_create_key
 from consentivr.testbed import CALLER_APP, write_config
@@ -142,6 +143,8 @@ class ServiceProcess:
                                          stdin=subprocess.DEVNULL)
         self.starts += 1
         await self.wait_log(r"ARI events (re)?connected for app consentivr\b", offset, 30)
+        # Recordings start only once the withdrawal key is proven to work.
+        await self.wait_log(r"withdrawal path verified", offset, 30)
 
     async def wait_log(self, pattern: str, offset: int, timeout: float) -> None:
         regex = re.compile(pattern)
@@ -500,6 +503,9 @@ def chaos_pbx(pbx: Any) -> Iterator[SandboxPbx]:
     own = SandboxPbx(base / "run", shared_dir=base / "shared")
     own.start()
     own.set_dialplan(DIALPLAN)
+    # As installed in production: without the withdrawal key nothing would be recorded.
+    withdrawal = WithdrawalSettings()
+    own.set_withdrawal(applicationmap(withdrawal), withdraw_dialplan(withdrawal))
     own.keep = True  # type: ignore[attr-defined]  # the test clears it once it passed
     try:
         yield own

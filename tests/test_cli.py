@@ -28,7 +28,8 @@ def test_every_issue_command_exists() -> None:
     names = {" ".join(c) for c in ALL_COMMANDS}
     expected = {
         "serve", "agi", "demo", "calls list", "calls show", "config check", "purge",
-        "verify", "subject export", "subject erase", "callbacks export", "recording stop",
+        "verify", "subject export", "subject erase", "callbacks export", "callbacks done",
+        "recording stop",
         "dialplan check", "dialplan render", "dialplan schema", "prompts build",
     }
     assert expected <= names, expected - names

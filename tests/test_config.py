@@ -104,8 +104,9 @@ def case(old: str, new: str, path: str, message: str, name: str,
 ERROR_CASES = [
     case(
         "    numbers:", "    colour: blue  # <-\n    numbers:", "flows.main.colour",
-        "unknown key (allowed: destination, invalid, language_menu, languages, "
-        "max_menu_seconds, not_recorded, notice, numbers, purposes)", name="unknown-key"),
+        "unknown key (allowed: destination, invalid, language_by_country, language_menu, "
+        "languages, max_menu_seconds, more_info, more_info_key, not_recorded, notice, "
+        "numbers, purposes, repeat_key)", name="unknown-key"),
     case(
         "        records: true\n", "        records: true\n        records: false  # <-\n",
         "flows.main.purposes.recording.records", "duplicate key (first on line 17)",
@@ -237,6 +238,48 @@ ERROR_CASES = [
         "        retention_days: 90", "        retention_days: 0  # <-",
         "flows.main.purposes.recording.retention_days",
         "expected a whole number from 1 to 36500", name="zero-retention"),
+    # Caller help (issue 18): each key means one thing only.
+    case("    destination:", "    repeat_key: 1  # <-\n    destination:", "flows.main.repeat_key",
+         "key '1' is already purposes.recording.yes_key", name="repeat-key-is-an-answer"),
+    case("    destination:", '    repeat_key: "2"  # <-\n    destination:',
+         "flows.main.repeat_key", "key '2' is already purposes.recording.no_key",
+         name="repeat-key-is-a-no"),
+    case('      keys: {"1": nl, "2": en}',
+         '      keys: {"1": nl, "2": en, "3": en}\n    repeat_key: 3  # <-',
+         "flows.main.repeat_key", "key '3' is already language_menu.keys (language 'en')",
+         name="repeat-key-is-a-language-key"),
+    case("    destination:",
+         "    repeat_key: 0\n    more_info_key: 0  # <-\n    more_info: {nl: beep, en: beep}\n"
+         "    destination:", "flows.main.more_info_key", "key '0' is already repeat_key",
+         name="more-info-key-is-the-repeat-key"),
+    case("    destination:",
+         "    more_info_key: 1  # <-\n    more_info: {nl: beep, en: beep}\n    destination:",
+         "flows.main.more_info_key", "key '1' is already purposes.recording.yes_key",
+         name="more-info-key-is-an-answer"),
+    case("    destination:", "    more_info: {nl: beep, en: beep}  # <-\n    destination:",
+         "flows.main.more_info", "missing 'more_info_key': the key that plays it",
+         name="more-info-without-key"),
+    case("    destination:", "    more_info_key: 9  # <-\n    destination:",
+         "flows.main.more_info_key", "missing 'more_info': the prompt this key plays",
+         name="more-info-key-without-prompt"),
+    case("    destination:", "    repeat_key: 0\n    more_info_key: 9\n    more_info:\n"
+         "      nl: beep  # <-\n    destination:", "flows.main.more_info",
+         "missing the 'en' prompt (every language needs one)", name="more-info-per-language",
+         line=0),
+    case("          en: {text: \"Press {yes_key} for yes, {no_key} for no.\"}",
+         "          en: {text: \"Press {repeat_key} to hear it again.\"}  # <-",
+         "flows.main.purposes.recording.question.en.text",
+         "unknown placeholder {repeat_key} (known: {no_key}, {retention.recording}, "
+         "{yes_key})", name="repeat-key-placeholder-without-repeat-key"),
+    case("    destination:", '    language_by_country: {"49": de}  # <-\n    destination:',
+         "flows.main.language_by_country.49", "language 'de' is not in this flow's languages",
+         name="country-language-not-in-flow"),
+    case("    destination:", '    language_by_country: {"+49": nl}  # <-\n    destination:',
+         "flows.main.language_by_country.+49", "expected a country calling code: 1 to 3 "
+         'digits, without + or 00 (quote it: "49")', name="country-code-with-plus"),
+    case("    destination:", '    language_by_country: {"4930": nl}  # <-\n    destination:',
+         "flows.main.language_by_country.4930", "expected a country calling code: 1 to 3 "
+         'digits, without + or 00 (quote it: "49")', name="country-code-too-long"),
     case(
         "version: 1", "version: 2  # <-", "version", "expected a whole number from 1 to 1",
         name="wrong-version"),
@@ -467,3 +510,30 @@ def test_a_single_language_menu_prompt_can_name_each_key(tmp_path: Path) -> None
     assert menu.prompt.text == "Kies 1 voor Nederlands, of 2 voor Engels."
     assert menu.prompt.voice == "nl"  # the first language speaks it
     assert menu.prompt.media == (f"sound:{prompt_file(PROMPTS, 'main', 'language', 'nl')}",)
+
+
+def test_caller_help_keys_are_parsed_said_and_versioned(tmp_path: Path) -> None:
+    text = BASE.replace("    destination:", """\
+    repeat_key: 0
+    more_info_key: "*"
+    language_by_country: {"44": en, 1: en}
+    more_info:
+      nl: {text: "Meer uitleg. Toets {repeat_key} om alles opnieuw te horen."}
+      en: {text: "More information. Press {repeat_key} to hear it all again."}
+    destination:""", 1).replace(
+        'en: {text: "Press {yes_key} for yes, {no_key} for no."}',
+        'en: {text: "Press {yes_key} for yes, {no_key} for no, {more_info_key} for more."}')
+    flow = load_flow_file(_write(tmp_path, text), PROMPTS)["main"]
+    base = load_flow_file(_write(tmp_path, BASE, "base.yaml"), PROMPTS)["main"]
+    assert (flow.repeat_key, flow.more_info_key) == ("0", "*")
+    assert flow.language_by_country == {"44": "en", "1": "en"}
+    assert flow.more_info["nl"].text == "Meer uitleg. Toets 0 om alles opnieuw te horen."
+    assert flow.more_info["en"].media == (f"sound:{PROMPTS}/main/more_info-en",)
+    assert flow.purposes[0].question["en"].text == "Press 1 for yes, 2 for no, star for more."
+    assert flow.notice_version("nl") != base.notice_version("nl")
+    assert base.repeat_key is None and base.more_info == {}
+
+
+def test_more_info_is_a_reserved_purpose_name(tmp_path: Path) -> None:
+    text = BASE.replace("      recording:", "      more_info:", 1)
+    assert any("'more_info' is reserved" in p for p in problems_of(tmp_path, text))

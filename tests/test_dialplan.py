@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from consentivr import config as config_module
 from consentivr.cli.dialplan import DEFAULT_PROMPTS_DIR, dialplan, prompts
 from consentivr.config import load_dialplans, load_flow_file, load_settings
-from consentivr.dialplan import RenderError, RenderOptions, render
+from consentivr.dialplan import RenderError, RenderOptions, render, render_hash, rendered_hash
 from consentivr.errors import ConfigError
 from consentivr.schema import dialplan_schema
 
@@ -101,7 +101,8 @@ def test_render_has_entry_flow_and_menu_contexts(plan: config_module.Dialplan) -
     text = rendered(plan)
     parsed = check_syntax(text)
     assert set(parsed) == {"consentivr-entry", "consentivr-flow-gemeente",
-                           "consentivr-flow-minimal", "consentivr-menu-afdelingen"}
+                           "consentivr-flow-minimal", "consentivr-menu-afdelingen",
+                           "consentivr-render"}
     entry = parsed["consentivr-entry"]
     assert set(entry) == {"14099", "0201234567", "101"}
     assert entry["101"][-1] == (None, "Goto", "consentivr-flow-minimal,s,1")
@@ -143,7 +144,7 @@ def test_agi_mode_renders_fastagi_entries(plan: config_module.Dialplan) -> None:
         "consentivr-flow-minimal"]["s"]
     assert steps[1] == (None, "AGI", "agi://10.0.0.5:4573/minimal,${CHANNEL(linkedid)}")
     assert "AGISTATUS" in steps[2][2]
-    assert steps[-1] == ("destination", "Goto", "from-internal,200,1")
+    assert steps[-1] == ("destination", "Goto", "demo,600,1")
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -243,8 +244,9 @@ def test_check_lists_every_problem_sorted_and_exits_1(tmp_path: Path) -> None:
     numbers = [int(line.split(":")[1]) for line in lines]
     assert numbers == sorted(numbers)
     assert lines[0].endswith("flows.minimal.colour: unknown key (allowed: destination, "
-                             "invalid, language_menu, languages, max_menu_seconds, "
-                             "not_recorded, notice, numbers, purposes)")
+                             "invalid, language_by_country, language_menu, languages, "
+                             "max_menu_seconds, more_info, more_info_key, not_recorded, "
+                             "notice, numbers, purposes, repeat_key)")
 
 
 def test_check_with_files_and_an_explicit_config_is_a_usage_error(tmp_path: Path) -> None:
@@ -402,3 +404,31 @@ def test_the_groups_are_click_groups() -> None:
     assert isinstance(dialplan, click.Group) and isinstance(prompts, click.Group)
     assert set(dialplan.commands) == {"check", "render", "schema"}
     assert set(prompts.commands) == {"build", "list"}
+
+
+def _code(line: str) -> str:
+    """A config line without its comment (``\\;`` is a literal semicolon)."""
+    return re.split(r"(?<!\\);", line, maxsplit=1)[0]
+
+
+@pytest.mark.parametrize("name", ["extensions-consentivr.conf.sample",
+                                  "extensions-consentivr.generated.conf"])
+def test_samples_have_no_bare_semicolon_inside_an_application(name: str) -> None:
+    # Asterisk cuts a line at a bare ';' (issue 19: "NoOp(Burgerzaken; recording=...)"
+    # lost its ')' and Asterisk warned): every application's brackets must close
+    # before any comment starts.
+    text = (ROOT / "asterisk" / "samples" / name).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
+        code = _code(line)
+        assert code.count("(") == code.count(")"), f"{name}:{number}: {line}"
+
+
+def test_render_carries_the_hash_of_its_dialplan_lines() -> None:
+    plan = config_module.load_dialplans([ROOT / "dialplan" / "gemeente.yaml"], Path("/p"))
+    text = rendered(plan)
+    marked = rendered_hash(text)
+    assert marked is not None and marked == render_hash(text.splitlines())
+    # comments and the file names it came from do not change it; a dialplan line does
+    other = render(plan.flows, plan.menus, RenderOptions(), ["elsewhere/gemeente.yaml"])
+    assert rendered_hash(other) == marked
+    assert rendered_hash(rendered(plan, mode="agi")) != marked

@@ -712,21 +712,22 @@ def test_short_secrets_get_a_warning(all_logs: pytest.LogCaptureFixture) -> None
     assert "shorter than" in all_logs.text
 
 
-def test_database_is_created_0600_and_recordings_dir_0700(settings: Settings) -> None:
+def test_database_is_created_0600_and_recordings_dir_2770(settings: Settings) -> None:
+    # 2770: MixMonitor (group asterisk) writes there, nobody else reads (issue 19)
     prepare_paths(settings)
     open_database(settings.database).close()
     assert stat.S_IMODE(settings.database.stat().st_mode) == 0o600
-    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o2770
     key = load_or_create_key(settings.database, None)
     key_path = settings.database.with_name(settings.database.name + ".key")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600 and len(key.key) == 64
 
 
-def test_existing_recordings_dir_is_tightened_to_0700(settings: Settings) -> None:
+def test_existing_recordings_dir_loses_others_and_keeps_its_group(settings: Settings) -> None:
     settings.recordings.dir.mkdir(parents=True, mode=0o755)
-    os.chmod(settings.recordings.dir, 0o755)
+    os.chmod(settings.recordings.dir, 0o2775)
     prepare_paths(settings)
-    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(settings.recordings.dir.stat().st_mode) == 0o2770
 
 
 def test_world_readable_database_warns(settings: Settings,
@@ -1009,6 +1010,8 @@ def test_ami_down_call_goes_on_unconfirmed_then_ami_comes_back(
         _, seen_down = await dest_for(bed, first.stasis_id)
         proxy.refuse = False
         await wait_for(lambda: pool.connected() > 0, 20, "AMI to come back")
+        # With AMI, consentivr hears the withdrawal key again: recording may start.
+        await wait_for(lambda: service.gate.reason is None, 20, "the withdrawal path")
         second = await bed.call()
         await answer_keys(bed, second, "11")
         await bed.wait_left_app(second)
@@ -1022,7 +1025,8 @@ def test_ami_down_call_goes_on_unconfirmed_then_ami_comes_back(
     down, up = rows(bed.settings.database)
     assert seen_down == "yes/no/yes/yes/en" and seen_up == "yes/yes/yes/yes/en"
     assert down["decisions"]["recording"] == "yes" and down["recording_confirmed"] == 0
-    assert "not connected" in down["recording_error"]
+    # With AMI down consentivr cannot hear the withdrawal key: no recording (issue 19).
+    assert "withdrawal key cannot be honoured" in down["recording_error"]
     assert up["recording_confirmed"] == 1
     assert {p.name for p in bed.recordings_dir.iterdir()} == {f"{up['call_id']}.wav"}
     assert "AMI connection to" in caplog.text and "AMI reconnected" in caplog.text
@@ -1255,7 +1259,7 @@ def test_asterisk_restart_service_reconnects_and_records_again(
 
     async def scenario(bed: Testbed) -> str | None:
         assert bed.service is not None and bed.service.pool is not None
-        pool = bed.service.pool
+        pool, service = bed.service.pool, bed.service
         call = await bed.call()
         await bed.wait_phase(call, Phase.NOTICE)
         bed.service.connected.clear()
@@ -1263,6 +1267,8 @@ def test_asterisk_restart_service_reconnects_and_records_again(
         await asyncio.wait_for(bed.service.connected.wait(), 30)
         await bed.wait_left_app(call, timeout=15)  # the reconcile ended the dead call
         await wait_for(lambda: pool.logins >= 2, 30, "AMI to log in again")
+        # Recording starts again once the withdrawal key is proven to work again.
+        await wait_for(lambda: service.gate.reason is None, 30, "the withdrawal path")
         # The caller's own websocket reconnects too; then a new call works.
         await wait_for(lambda: bed.caller.application(CALLER_APP), 30, "the caller app")
         call2 = await bed.call()

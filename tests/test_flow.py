@@ -3,6 +3,7 @@ scenarios, and a hypothesis property test of the privacy invariants."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ from consentivr.messages import (
     StopPlayback,
     TimerFired,
 )
-from consentivr.model import Basis, Decision, Flow
+from consentivr.model import Basis, Decision, Flow, Prompt
 from tests.flow_fixtures import (
     CALL,
     DESTINATION,
@@ -72,8 +73,9 @@ from tests.flow_fixtures import (
 
 P = Phase
 RECORDING_PATH = f"{RECORDINGS_DIR}/{CALL.call_id}.wav"
-MENU_PHASES = (P.LANGUAGE_PROMPT, P.LANGUAGE_WAIT, P.NOTICE, P.QUESTION_PROMPT, P.QUESTION_WAIT)
-PROMPT_PHASES = (P.LANGUAGE_PROMPT, P.NOTICE, P.QUESTION_PROMPT)
+MENU_PHASES = (P.LANGUAGE_PROMPT, P.LANGUAGE_WAIT, P.NOTICE, P.QUESTION_PROMPT, P.QUESTION_WAIT,
+               P.MORE_INFO)
+PROMPT_PHASES = (P.LANGUAGE_PROMPT, P.NOTICE, P.QUESTION_PROMPT, P.MORE_INFO)
 
 
 def types(commands: list[Command]) -> list[type]:
@@ -168,6 +170,15 @@ PAIR_TABLE: dict[tuple[Phase, type], tuple[bool, list[type], Phase | None]] = {
     (P.QUESTION_WAIT, DecisionLogged): IGNORED,
     (P.QUESTION_WAIT, RecordingStarted): IGNORED,
     (P.QUESTION_WAIT, Failed): (True, _WAIT_LOG, P.LOGGING),
+    (P.MORE_INFO, CallStarted): IGNORED,
+    (P.MORE_INFO, DigitPressed): (True, [StopPlayback, Play], P.QUESTION_PROMPT),  # not an answer
+    (P.MORE_INFO, PlaybackFinished): (True, [Play], P.QUESTION_PROMPT),  # back to the question
+    (P.MORE_INFO, TimerFired): IGNORED,  # no wait runs while a prompt plays
+    (P.MORE_INFO, DeadlinePassed): (True, _STOP_LOG, P.LOGGING),
+    (P.MORE_INFO, HungUp): (True, _LOG, P.LOGGING),
+    (P.MORE_INFO, DecisionLogged): IGNORED,
+    (P.MORE_INFO, RecordingStarted): IGNORED,
+    (P.MORE_INFO, Failed): (True, _STOP_LOG, P.LOGGING),
     (P.LOGGING, CallStarted): IGNORED,
     (P.LOGGING, DigitPressed): IGNORED,  # a late key after the decision
     (P.LOGGING, PlaybackFinished): IGNORED,
@@ -976,6 +987,8 @@ FLOWS: list[Flow] = [
     make_flow(purposes=standard_purposes(retries=0, recording_basis=Basis.PUBLIC_TASK)),
     make_flow(purposes=standard_purposes(retries=2)),
     make_flow(purposes=[]),
+    make_flow(help_keys=True),  # repeat (0) and more information (8)
+    make_flow(language_menu=True, help_keys=True, language_by_country={"49": "de"}),
 ]
 
 # One flat menu of operations: progress until a random phase (so random calls get as far
@@ -986,7 +999,7 @@ OPS = st.sampled_from(
         ("progress",),
         ("progress",),
         ("progress",),
-        *(("digit", digit) for digit in [YES, YES, NO, OBJECT, "0", "#"]),
+        *(("digit", digit) for digit in [YES, YES, NO, OBJECT, "0", "#", "8"]),
         ("played",),
         ("played_stale",),
         ("timer",),
@@ -1114,6 +1127,13 @@ def check_invariants(d: Driver) -> None:
                 assert log is not None and log.record.outcome == "timeout"
             if decision is Decision.OBJECTED:
                 assert (p.object_key, p.name) in pressed
+
+    # A help key is logged as help wherever it can be one, never as an answer.
+    for k in d.cf.keys:
+        if k.digit == flow.repeat_key and k.step != "language":
+            assert k.step.startswith("repeat:"), k
+        if k.digit == flow.more_info_key and k.step != "language":
+            assert k.step.startswith("more_info:"), k
 
     if log is not None:
         record = log.record
@@ -1290,3 +1310,150 @@ def test_the_transition_table_is_one_literal() -> None:
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Subscript)
                 and getattr(n.value, "id", "") == "TRANSITIONS"
                 and isinstance(getattr(n, "ctx", None), ast.Store)]
+
+
+# --- caller help (issue 18): repeat and more information ------------------------------
+
+HELP_FLOW = make_flow(help_keys=True, purposes=standard_purposes()[:2])
+
+
+def _run_script(d: Driver, script: tuple[str, ...]) -> None:
+    """``end``: the current prompt finishes; ``wait``: the wait times out; else a key."""
+    d.start()
+    for token in script:
+        {"end": d.played, "wait": d.timer}.get(token, lambda t=token: d.digit(t))()
+
+
+def _heard(d: Driver) -> list[str]:
+    return [m.removeprefix("sound:") for c in d.of_type(Play) for m in c.media]
+
+
+# (name, script, what the caller hears in order, key steps logged, decisions)
+HELP_CASES = [
+    ("repeat-in-notice-then-yes", ("0", "end", "end", "1", "end", "1"),
+     ["notice-en", "notice-en", "q-recording-en", "q-callback-en"],
+     ["repeat:notice", "recording", "callback"], ("yes", "yes")),
+    ("repeat-in-second-question", ("end", "end", "1", "0", "end", "end", "2"),
+     ["notice-en", "q-recording-en", "q-callback-en", "notice-en", "q-callback-en"],
+     ["recording", "repeat:callback", "callback"], ("yes", "no")),
+    ("repeat-in-the-wait", ("end", "end", "0", "end", "end", "1", "end", "1"),
+     ["notice-en", "q-recording-en", "notice-en", "q-recording-en", "q-callback-en"],
+     ["repeat:recording", "recording", "callback"], ("yes", "yes")),
+    # An invalid key uses the one retry; repeats after it use none.
+    ("repeats-use-no-retries", ("end", "end", "7", "end", "0", "end", "end", "0", "end",
+                                "end", "1", "end", "1"),
+     ["notice-en", "q-recording-en", "invalid-en", "q-recording-en", "notice-en",
+      "q-recording-en", "notice-en", "q-recording-en", "q-callback-en"],
+     ["recording", "repeat:recording", "repeat:recording", "recording", "callback"],
+     ("yes", "yes")),
+    ("more-info-in-notice-then-answer", ("8", "end", "end", "1", "end", "2"),
+     ["notice-en", "more-en", "q-recording-en", "q-callback-en"],
+     ["more_info:notice", "recording", "callback"], ("yes", "no")),
+    ("more-info-in-question-then-answer", ("end", "end", "8", "end", "end", "1", "end", "1"),
+     ["notice-en", "q-recording-en", "more-en", "q-recording-en", "q-callback-en"],
+     ["more_info:recording", "recording", "callback"], ("yes", "yes")),
+    # A key during "more information" goes on to the question: it is not an answer.
+    ("key-in-more-info-is-not-an-answer", ("8", "1", "end", "2", "end", "1"),
+     ["notice-en", "more-en", "q-recording-en", "q-callback-en"],
+     ["more_info:notice", "more_info", "recording", "callback"], ("no", "yes")),
+    ("repeat-during-more-info", ("8", "0", "end", "end", "1", "end", "1"),
+     ["notice-en", "more-en", "notice-en", "q-recording-en", "q-callback-en"],
+     ["more_info:notice", "repeat:more_info", "recording", "callback"], ("yes", "yes")),
+    ("more-info-twice", ("end", "end", "8", "8", "end", "1", "end", "1"),
+     ["notice-en", "q-recording-en", "more-en", "more-en", "q-recording-en",
+      "q-callback-en"],
+     ["more_info:recording", "more_info:more_info", "recording", "callback"], ("yes", "yes")),
+]
+
+
+@pytest.mark.parametrize(("script", "heard", "steps", "decisions"),
+                         [c[1:] for c in HELP_CASES], ids=[c[0] for c in HELP_CASES])
+def test_caller_help(script: tuple[str, ...], heard: list[str], steps: list[str],
+                     decisions: tuple[str, str]) -> None:
+    d = Driver(HELP_FLOW)
+    _run_script(d, script)
+    assert _heard(d) == heard
+    assert [k.step for k in d.cf.keys] == steps
+    assert d.phase is P.LOGGING
+    assert tuple(d.record.decisions.values()) == decisions
+    # The help keys are in the log, never as an answer; the one menu deadline covers all.
+    assert [k.step for k in d.record.keys] == steps
+    assert len(d.of_type(ArmDeadline)) == 1
+    assert d.record.outcome == "completed"
+
+
+def test_without_help_keys_those_keys_are_ordinary_keys() -> None:
+    d = Driver(make_flow(purposes=standard_purposes()[:2]))
+    _run_script(d, ("0", "end", "8", "end"))
+    assert _heard(d) == ["notice-en", "q-recording-en", "invalid-en", "q-recording-en"]
+    assert [k.step for k in d.cf.keys] == ["notice", "recording"]
+
+
+def test_repeats_are_bounded_by_the_menu_deadline() -> None:
+    d = Driver(HELP_FLOW)
+    _run_script(d, ("0", "0", "0", "end", "0"))
+    d.deadline()
+    assert d.record.outcome == "timeout"
+    assert set(d.record.decisions.values()) == {Decision.NO_ANSWER}
+
+
+def test_a_repeat_stops_the_prompt_and_the_wait() -> None:
+    d = Driver(HELP_FLOW)
+    _run_script(d, ("end", "end"))
+    timer = d.timer_id
+    assert timer is not None
+    commands = d.digit("0")
+    assert types(commands) == [CancelTimer, Play]
+    assert d.phase is P.NOTICE
+
+
+@pytest.mark.parametrize(
+    ("caller", "mapping", "language"),
+    [
+        ("+4930123456", {"49": "de"}, "de"),
+        ("004930123456", {"49": "de"}, "de"),
+        ("+31201234567", {"49": "de"}, "en"),
+        ("030123456", {"49": "de"}, "en"),  # a national number says no country
+        ("4930123456", {"49": "de"}, "en"),  # no + or 00: not known to be international
+        (None, {"49": "de"}, "en"),
+        ("", {"49": "de"}, "en"),
+        ("+49abc", {"49": "de"}, "en"),
+        ("+4930123456", {"4": "en", "49": "de"}, "de"),  # the longest code wins
+        ("+4420123456", {"4": "de", "49": "en"}, "de"),
+        ("+4930123456", {}, "en"),
+        ("+4930123456", {"49": "fr"}, "en"),  # not a language of the flow
+    ],
+)
+def test_language_by_country(caller: str | None, mapping: dict[str, str],
+                             language: str) -> None:
+    flow = make_flow(language_by_country=mapping, purposes=standard_purposes()[:1])
+    d = Driver(flow, CallInfo(call_id="c1", channel_id="1.1", caller=caller))
+    _run_script(d, ("end", "end", "1"))
+    assert d.cf.language == language
+    assert _heard(d) == [f"notice-{language}", f"q-recording-{language}"]
+    assert d.record.language == language
+    assert d.record.notice_version == flow.notice_version(language)
+
+
+@pytest.mark.parametrize(("script", "language"), [
+    (("end", "wait"), "de"),  # no choice: the caller's country
+    (("1",), "en"),  # the menu still lets the caller choose
+])
+def test_language_by_country_with_a_language_menu(script: tuple[str, ...],
+                                                  language: str) -> None:
+    flow = make_flow(language_menu=True, menu_retries=0, language_by_country={"49": "de"})
+    d = Driver(flow, CallInfo(call_id="c1", channel_id="1.1", caller="+4930123456"))
+    _run_script(d, script)
+    assert _heard(d)[0] == "language-menu"
+    assert d.cf.language == language
+    assert _heard(d)[-1] == f"notice-{language}"
+
+
+def test_more_info_and_repeat_key_are_part_of_the_notice_version() -> None:
+    plain = make_flow()
+    helped = make_flow(help_keys=True)
+    assert plain.notice_version("en") != helped.notice_version("en")
+    other_text = dataclasses.replace(
+        helped, more_info={**helped.more_info, "en": Prompt(("sound:more-en",), "other")})
+    assert other_text.notice_version("en") != helped.notice_version("en")
+    assert other_text.notice_version("de") == helped.notice_version("de")

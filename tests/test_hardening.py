@@ -139,8 +139,8 @@ def test_m1_callbacks_csv_quotes_every_field_and_defuses_formulas(tmp_path: Path
             conn.execute("UPDATE calls SET caller_number=? WHERE seq=?", (number, seq))
     finally:
         conn.close()
-    result = CliRunner().invoke(main, ["callbacks", "export", "--config", str(env.config),
-                                       "--as-of", "2025-06-16"])
+    result = CliRunner().invoke(main, ["callbacks", "export", "--by", "test", "--config",
+                                       str(env.config), "--as-of", "2025-06-16"])
     assert result.exit_code == 0, result.output
     text = result.output
     assert "\x1b" not in text and "\x07" not in text and "\r" not in text

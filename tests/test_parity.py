@@ -35,14 +35,22 @@ from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.features import FEATURE_NAME
 from consentivr.stasis import StasisApp
-from consentivr.testbed import flow_yaml
+from consentivr.testbed import flow_yaml, help_flow_yaml
 from consentivr.withdrawalpath import RecordingGate
 from tests.fault_fixtures import FakeAri, FakeCommitter, FakeRecorder, settings_in, wait_for
 
 MODES = ("ari", "agi")
 CHANNEL = "1700000000.7"
-PROMPTS = ("notice", "question")  # sound names that take a script token
-FLOW = flow_yaml(timeout=0.2, retries=1, notice="sound:notice", question="sound:question")
+PROMPTS = ("notice", "question")  # sound names (and their _de forms) that take a token
+FLOW = flow_yaml(timeout=0.2, retries=1, notice="sound:notice", question="sound:question") + \
+    help_flow_yaml(timeout=0.2, retries=1, notice="sound:notice", notice_de="sound:notice_de",
+                   question="sound:question", question_de="sound:question_de",
+                   more_info="sound:moreinfo")
+CALLER = "+31201234567"
+
+
+def _takes_token(name: str) -> bool:
+    return name.removeprefix("sound:").split("_")[0] in PROMPTS
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ class Case:
     log_fails: int = 0  # so many writes fail
     log_delay: float = 0.0  # each write takes this long (the call waits 0.2 s at most)
     recorder_fails: bool = False
+    caller: str = CALLER
+    heard: tuple[str, ...] | None = None  # the sounds played, in order (None: not checked)
+    language: str = "en"  # the committed row's language
+    steps: tuple[str, ...] | None = None  # the committed row's key steps (None: not checked)
     blocked: str | None = None  # the recording gate is closed for this reason
 
 
@@ -83,6 +95,21 @@ CASES = [
          late=("void_late_consent",), log_delay=0.5),
     Case("late-commit-nothing-allowed", ("", "~2", "~2"), None, logged="no", log_delay=0.5),
     Case("unknown-flow", (), None, flow="nope", logged=None),
+    # Caller help (issue 18): repeat key 0, more information on 8, +49 starts in German.
+    Case("repeat-in-notice-then-yes", ("0", "", "~1", "~1"), YES_YES, recording="started",
+         flow="help", heard=("notice", "notice", "question", "question"),
+         steps=("repeat:notice", "recording", "callback")),
+    Case("repeat-in-second-question", ("", "~1", "0", "", "~2"),
+         {"recording": "yes", "callback": "no"}, recording="started", flow="help",
+         heard=("notice", "question", "question", "notice", "question"),
+         steps=("recording", "repeat:callback", "callback")),
+    Case("more-info-then-answer", ("8", "~1", "~1"), YES_YES, recording="started",
+         flow="help", heard=("notice", "moreinfo", "question", "question"),
+         steps=("more_info:notice", "recording", "callback")),
+    Case("german-caller-gets-the-german-notice", ("", "~1", "~2"),
+         {"recording": "yes", "callback": "no"}, recording="started", flow="help",
+         caller="+4930123456", language="de",
+         heard=("notice_de", "question_de", "question_de"), steps=("recording", "callback")),
     # Issue 19: the withdrawal key cannot work, so a yes is logged but not recorded.
     Case("withdrawal-path-broken", ("", "~1", "~1"), YES_YES,
          blocked="withdrawal key cannot be honoured (feature: missing)"),
@@ -99,6 +126,9 @@ class Seen:
     variables: dict[str, str] = field(default_factory=dict)
     continued: bool = False
     late: tuple[str, ...] = ()
+    heard: tuple[str, ...] = ()
+    language: str | None = None
+    steps: tuple[str, ...] = ()
     marks: list[tuple[bool, str | None]] = field(default_factory=list)
 
 
@@ -109,11 +139,13 @@ class ScriptedAri(FakeAri):
     def __init__(self, script: tuple[str, ...]) -> None:
         super().__init__()
         self.script = list(script)
+        self.heard: list[str] = []
 
     async def play(self, channel_id: str, playback_id: str, media: tuple[str, ...],
                    language: str | None = None) -> None:
         self._note("play", channel_id, playback_id, media)
-        takes = any(m.removeprefix("sound:") in PROMPTS for m in media)
+        self.heard.extend(m.removeprefix("sound:") for m in media)
+        takes = any(_takes_token(m) for m in media)
         token = self.script.pop(0) if takes and self.script else ""
         finished = {"type": "PlaybackFinished",
                     "playback": {"id": playback_id, "target_uri": f"channel:{channel_id}"}}
@@ -149,7 +181,7 @@ async def run_ari(settings: Settings, case: Case, committer: FakeCommitter) -> S
     app.handle_event({
         "type": "StasisStart", "application": "consentivr", "args": [case.flow],
         "channel": {"id": CHANNEL, "name": "PJSIP/alice-00000007", "linkedid": CHANNEL,
-                    "caller": {"name": "x", "number": "+31201234567"}},
+                    "caller": {"name": "x", "number": case.caller}},
     })
     await wait_for(lambda: not app.tasks, 10, "the call to end")
     seen = await _settle(app.writer, committer, case)
@@ -157,6 +189,7 @@ async def run_ari(settings: Settings, case: Case, committer: FakeCommitter) -> S
                       else "none")
     seen.variables = ari.variables.get(CHANNEL, {})
     seen.continued = CHANNEL in ari.continued
+    seen.heard = tuple(ari.heard)
     return seen
 
 
@@ -166,8 +199,11 @@ async def run_ari(settings: Settings, case: Case, committer: FakeCommitter) -> S
 class ScriptedAsterisk:
     """Asterisk's side of one FastAGI call, answering from the caller's script."""
 
-    def __init__(self, script: tuple[str, ...], mixmonitor_fails: bool) -> None:
+    def __init__(self, script: tuple[str, ...], mixmonitor_fails: bool,
+                 caller: str = CALLER) -> None:
         self.script = list(script)
+        self.caller = caller
+        self.heard: list[str] = []
         self.mixmonitor_fails = mixmonitor_fails
         self.commands: list[str] = []
         self.wait_reply = "200 result=0\n"
@@ -176,7 +212,8 @@ class ScriptedAsterisk:
     def reply(self, command: str) -> str | None:
         if command.startswith("STREAM FILE"):
             name = shlex.split(command)[2]
-            if name not in PROMPTS:
+            self.heard.append(name)
+            if not _takes_token(name):
                 return "200 result=0 endpos=800\n"
             token = self.script.pop(0) if self.script else ""
             if token == "hangup":
@@ -199,7 +236,7 @@ class ScriptedAsterisk:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         env = {"agi_network": "yes", "agi_network_script": flow, "agi_channel":
                "PJSIP/alice-00000007", "agi_language": "en", "agi_uniqueid": CHANNEL,
-               "agi_callerid": "+31201234567", "agi_arg_1": CHANNEL}
+               "agi_callerid": self.caller, "agi_arg_1": CHANNEL}
         writer.write("".join(f"{k}: {v}\n" for k, v in env.items()).encode() + b"\n")
         await writer.drain()
         try:
@@ -230,7 +267,7 @@ async def run_agi(settings: Settings, case: Case, committer: FakeCommitter) -> S
     writer = ConsentWriter(committer, timeout=0.2)
     server = AgiServer(settings, writer, gate=RecordingGate(case.blocked))
     _host, port = await server.start("127.0.0.1", 0)
-    peer = ScriptedAsterisk(case.script, case.recorder_fails)
+    peer = ScriptedAsterisk(case.script, case.recorder_fails, case.caller)
     try:
         await asyncio.wait_for(peer.call(port, case.flow), 10)
         await wait_for(lambda: not server.sessions, 10, "the call to end")
@@ -243,6 +280,7 @@ async def run_agi(settings: Settings, case: Case, committer: FakeCommitter) -> S
     seen.variables = peer.variables()
     # Without a caller hang-up the connection closing returns the call to the dialplan.
     seen.continued = not peer.hung_up and "HANGUP" not in peer.commands
+    seen.heard = tuple(peer.heard)
     return seen
 
 
@@ -261,6 +299,8 @@ async def _settle(writer: ConsentWriter, committer: FakeCommitter, case: Case) -
         row = writes[0][1]  # committed while the call waited
         seen.decisions = {k: str(v) for k, v in row.decisions.items()}
         seen.outcome = row.outcome
+        seen.language = row.language
+        seen.steps = tuple(k.step for k in row.keys)
     # After the first attempt at the decision row (unless that failed outright).
     seen.late = tuple(k for k, _ in writes[0 if case.log_fails else 1:])
     seen.marks = [p[1:3] for k, p in committer.written if k == "mark_recording"]
@@ -289,6 +329,11 @@ def test_scenario(tmp_path: Path, mode: str, case: Case) -> None:
     assert seen.decisions == case.decisions
     if case.decisions is not None:
         assert seen.outcome == case.outcome
+        assert seen.language == case.language
+    if case.heard is not None:
+        assert seen.heard == case.heard
+    if case.steps is not None:
+        assert seen.steps == case.steps
     assert seen.recording == case.recording
     assert seen.variables.get("CONSENTIVR_LOGGED") == case.logged
     assert seen.continued == case.continued
@@ -309,5 +354,7 @@ def test_scenario(tmp_path: Path, mode: str, case: Case) -> None:
 def test_both_modes_leave_the_dialplan_the_same_variables(tmp_path: Path, case: Case) -> None:
     ari, agi = (run_case(tmp_path, mode, case) for mode in MODES)
     assert consentivr_variables(ari.variables) == consentivr_variables(agi.variables)
-    assert (ari.decisions, ari.recording, ari.continued, ari.late) == (
-        agi.decisions, agi.recording, agi.continued, agi.late)
+    assert (ari.decisions, ari.recording, ari.continued, ari.late, ari.language) == (
+        agi.decisions, agi.recording, agi.continued, agi.late, agi.language)
+    if case.heard is not None:
+        assert (ari.heard, ari.steps) == (agi.heard, agi.steps)

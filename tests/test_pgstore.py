@@ -458,7 +458,7 @@ def test_a_shared_log_that_is_down_is_one_line_for_every_command(
         pg_free_config: Path) -> None:
     for args in (["report", "--format", "json"], ["purge", "--dry-run"], ["verify"],
                  ["subject", "export", "--caller", "+31201234567"], ["db", "status"],
-                 ["calls", "list"], ["callbacks", "export"]):
+                 ["calls", "list"], ["callbacks", "export", "--by", "T. Ester"]):
         result = CliRunner().invoke(main, [*args, "--config", str(pg_free_config)])
         assert result.exit_code == 1, (args, result.output)
         assert "postgresql://u@127.0.0.1:1/db: cannot connect to the consent log" \
@@ -555,7 +555,7 @@ def test_purge_then_erase_then_verify_on_both_backends(backend: Backend) -> None
     rows = _rows(backend)
     assert rows["c4"]["redacted_at"] and rows["c4"]["caller_hash"] is None
     assert rows["c1"]["recording_purged_at"] and rows["c1"]["caller_hash"]
-    callbacks = _cli(backend, "n1", "callbacks", "export", "--format", "json")
+    callbacks = _cli(backend, "n1", "callbacks", "export", "--format", "json", "--by", "T. Ester")
     assert callbacks.exit_code == 0 and json.loads(callbacks.stdout) == []
     assert backend.verify().ok
 

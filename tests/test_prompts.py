@@ -112,6 +112,7 @@ def test_text_prompts_lists_every_text_once_including_menus_and_language_parts()
         "gemeente/callback-nl", "gemeente/callback-en",
         "gemeente/invalid-nl", "gemeente/invalid-en",
         "gemeente/not_recorded-nl", "gemeente/not_recorded-en",
+        "gemeente/more_info-nl", "gemeente/more_info-en",
         "menu.afdelingen/prompt-nl", "menu.afdelingen/prompt-en",
         "menu.afdelingen/invalid-nl", "menu.afdelingen/invalid-en",
     ]

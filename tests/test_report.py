@@ -589,3 +589,47 @@ def test_the_parallel_check_finds_what_verify_finds(odd_log: Path, tmp_path: Pat
     assert expected.ok == (case == "clean")
     assert verify_log(db, workers=1) == expected
     assert verify_log(db, workers=3, parallel_from=0) == expected
+
+
+def test_the_report_shows_who_took_the_callback_list(tmp_path: Path) -> None:
+    s = seed(tmp_path)
+    runner = CliRunner()
+    for by in ("Anna", "Bert"):
+        result = runner.invoke(main, ["callbacks", "export", "--config", str(s.config),
+                                      "--by", by])
+        assert result.exit_code == 0, result.output
+    listed = result.stdout.splitlines()[1:]
+    [(held,)] = sql(s, "SELECT call_id FROM calls WHERE caller_number IS NOT NULL LIMIT 1")
+    result = runner.invoke(main, ["callbacks", "done", "--config", str(s.config),
+                                  "--by", "Bert", held])
+    assert result.exit_code == 0, result.output
+    data = report_json(s)["callbacks"]
+    assert [(e["exported_by"], e["entries"]) for e in data["exports"]] == [
+        ("Anna", len(listed)), ("Bert", len(listed))]
+    assert data["numbers_cleared"] >= 1
+    assert sql(s, "SELECT count(*) FROM calls WHERE call_id = ? AND caller_number IS NULL",
+               held) == [(1,)]
+    assert [d["done_by"] for d in data["done"]] == ["Bert"]
+    page = report_html(s, "nl")
+    assert "De terugbellijst" in page and "Anna" in page
+    assert f'data-callbacks-cleared="{data["numbers_cleared"]}"' in page
+    for number in s.numbers:
+        assert number not in page
+
+
+def test_a_notice_version_shows_its_more_information_part() -> None:
+    from consentivr.config import load_dialplans
+    from consentivr.logstats import NoticeUse
+    from consentivr.report import _notices
+
+    flow = load_dialplans([Path(__file__).parent.parent / "dialplan" / "gemeente.yaml"],
+                          Path("/p")).flows["gemeente"]
+
+    class Stats:
+        def notice_versions(self, period: Period) -> list[NoticeUse]:
+            return [NoticeUse("gemeente", "en", flow.notice_version("en"), 3, "a", "b")]
+
+    [entry] = _notices(Stats(), {"gemeente": flow}, Period(None, None))  # type: ignore[arg-type]
+    assert [p["step"] for p in entry["parts"]] == ["notice", "recording", "callback",
+                                                   "more_info"]
+    assert entry["parts"][-1]["text"].startswith("The municipality of Voorbeeldstad is")

@@ -58,7 +58,7 @@ def _no_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     ["verify"],
     ["purge", "--dry-run"],
     ["subject", "export", "--caller", "+31201234567"],
-    ["callbacks", "export"],
+    ["callbacks", "export", "--by", "test"],
     ["dialplan", "render"],
 ], ids=lambda a: " ".join(a[:2]))
 def test_admin_commands_need_neither_ari_nor_ami_password(tmp_path: Path,

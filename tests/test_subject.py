@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.audit import verify_chain
-from consentivr.cli.rights import callbacks_export, subject_erase, subject_export
+from consentivr.callbacks import DoneStatus, call_history, export_runs, mark_done
+from consentivr.cli import main as cli_main
+from consentivr.cli.rights import callbacks_done, callbacks_export, subject_erase, subject_export
 from consentivr.errors import ConsentivrError
 from consentivr.retention import PurgeOptions
 from consentivr.subject import callback_list, export_subject, normalise_number
@@ -185,14 +187,15 @@ def run(command: object, env: Env, *args: str, stdin: str | None = None) -> tupl
 
 
 def test_cli_callbacks_csv_and_json(env: Env) -> None:
-    code, out, _ = run(callbacks_export, env, "--as-of", "2025-06-20")
+    code, out, _ = run(callbacks_export, env, "--by", "ops", "--as-of", "2025-06-20")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     # A leading + is a formula to a spreadsheet: neutralised with ' (OWASP).
     assert [r["number"] for r in rows] == [f"'{BOB}", f"'{ALICE}"]
     assert set(rows[0]) == {"number", "call_id", "flow", "language", "decided_at",
                             "callback_until"}
-    code, out, _ = run(callbacks_export, env, "--format", "json", "--as-of", "2025-06-20")
+    code, out, _ = run(callbacks_export, env, "--by", "ops", "--format", "json",
+                       "--as-of", "2025-06-20")
     assert code == 0 and [r["number"] for r in json.loads(out)] == [BOB, ALICE]
 
 
@@ -234,3 +237,145 @@ def test_cli_refuses_a_key_file_readable_by_others(env: Env, tmp_path: Path) -> 
     code, _, err = run(subject_export, env, "--caller", ALICE)
     assert code == 1
     assert err.strip().endswith(f"caller_key_file: {key} is readable by others: chmod 600 it")
+
+
+# --- the survey team's side (issue 18): accountable exports, callbacks done ----------------
+
+
+def done(env: Env, *call_ids: str, by: str = "J. de Vries") -> list[DoneStatus]:
+    conn = env.conn()
+    try:
+        return [r.status for r in mark_done(conn, call_ids, by, T0 + 2 * DAY)]
+    finally:
+        conn.close()
+
+
+def chain_ok(env: Env) -> bool:
+    conn = env.conn()
+    try:
+        return verify_chain(conn).ok
+    finally:
+        conn.close()
+
+
+# (ids given, what each gets, the numbers left on the list)
+DONE_CASES = [
+    (("c4",), [DoneStatus.CLEARED], [ALICE]),
+    (("c2", "c4"), [DoneStatus.CLEARED, DoneStatus.CLEARED], []),
+    (("c4", "c4"), [DoneStatus.CLEARED, DoneStatus.ALREADY_CLEARED], [ALICE]),
+    (("nope", "c4"), [DoneStatus.UNKNOWN, DoneStatus.CLEARED], [ALICE]),
+    (("c1",), [DoneStatus.NOT_A_CALLBACK], [BOB, ALICE]),  # said no: no number held
+]
+
+
+@pytest.mark.parametrize(("ids", "statuses", "left"), DONE_CASES)
+def test_callbacks_done_clears_the_number_at_once(env: Env, ids: tuple[str, ...],
+                                                  statuses: list[DoneStatus],
+                                                  left: list[str]) -> None:
+    assert done(env, *ids) == statuses
+    assert [c["number"] for c in callbacks(env, T0 + 3 * DAY)] == left
+    assert chain_ok(env)  # cleared the way purge clears: the chain still verifies
+
+
+def test_callbacks_done_also_clears_earlier_yes_calls_of_that_number(env: Env) -> None:
+    env.add(record(20, caller=BOB, callback=True, decided_at=T0 + DAY))
+    assert [c["call_id"] for c in callbacks(env, T0 + 3 * DAY)] == ["c2", "c20"]
+    assert done(env, "c20") == [DoneStatus.CLEARED]
+    # The earlier yes (c4) must not bring Bob back on the list.
+    assert [c["number"] for c in callbacks(env, T0 + 3 * DAY)] == [ALICE]
+    assert BOB not in all_text(env)
+    assert env.row(4)["caller_hash"] is not None  # only the clear number goes
+    assert env.row(4)["personal_salt"] is None  # and the salt, as purge does
+    conn = env.conn()
+    try:
+        [entry] = call_history(conn, "c4")["done"]
+        assert (entry["done_by"], entry["marked_call_id"]) == ("J. de Vries", "c20")
+    finally:
+        conn.close()
+    assert chain_ok(env)
+
+
+def test_an_earlier_done_is_reported_with_who_and_when(env: Env) -> None:
+    done(env, "c4", by="Anna")
+    conn = env.conn()
+    try:
+        [again] = mark_done(conn, ["c4"], "Bert", T0 + 5 * DAY)
+    finally:
+        conn.close()
+    assert (again.status, again.done_by) == (DoneStatus.ALREADY_CLEARED, "Anna")
+    [row] = env.query("SELECT call_id, marked_call_id, done_by FROM callback_done")
+    assert tuple(row) == ("c4", "c4", "Anna")
+
+
+@pytest.mark.parametrize("by", ["", "   ", "a\x00b", "x" * 101])
+def test_done_needs_a_name(env: Env, by: str) -> None:
+    with pytest.raises(ConsentivrError, match="--by"):
+        done(env, "c4", by=by)
+    assert [c["number"] for c in callbacks(env, T0 + DAY)] == [BOB, ALICE]
+
+
+def test_cli_done_reports_unknown_ids_and_goes_on(env: Env) -> None:
+    code, out, err = run(callbacks_done, env, "--by", "Anna", "c4", "nope", "c1")
+    assert code == 3
+    assert out.splitlines() == ["c4: cleared (1 row(s) held the number)"]
+    assert "nope: unknown call id" in err and "c1: no callback asked" in err
+    assert "2 of 3 id(s) not cleared" in err
+    code, out, _ = run(callbacks_done, env, "--by", "Anna", "c4")
+    assert code == 0 and out.startswith("c4: already cleared (by Anna at ")
+    code, _, err = run(callbacks_done, env, "--by", "Anna")
+    assert code == 2 and "give CALL_ID... or --from-file" in err
+
+
+def test_cli_done_reads_the_export_csv(env: Env, tmp_path: Path) -> None:
+    code, out, _ = run(callbacks_export, env, "--by", "Anna", "--as-of", "2025-06-20")
+    assert code == 0
+    (tmp_path / "called.csv").write_text(out)
+    code, out, _ = run(callbacks_done, env, "--by", "Anna", "--from-file",
+                       str(tmp_path / "called.csv"), "--json")
+    assert code == 0
+    assert [json.loads(line)["status"] for line in out.splitlines()] == ["cleared"] * 2
+    code, out, _ = run(callbacks_export, env, "--by", "Anna", "--as-of", "2025-06-20")
+    assert list(csv.DictReader(io.StringIO(out))) == []
+
+
+def test_cli_done_reads_ids_from_stdin(env: Env) -> None:
+    code, out, _ = run(callbacks_done, env, "--by", "Anna", "--from-file", "-",
+                       stdin="# called today\nc4\n\n")
+    assert code == 0 and out.startswith("c4: cleared")
+
+
+def test_each_export_run_is_recorded_without_the_numbers(env: Env) -> None:
+    run(callbacks_export, env, "--by", "Anna", "--as-of", "2025-06-20")
+    done(env, "c4")
+    run(callbacks_export, env, "--by", "Bert", "--format", "json", "--as-of", "2025-06-20")
+    conn = env.conn()
+    try:
+        runs = export_runs(conn)
+        assert [(r["exported_by"], r["entries"]) for r in runs] == [("Anna", 2), ("Bert", 1)]
+        history = call_history(conn, "c2")
+        assert [e["exported_by"] for e in history["exports"]] == ["Anna", "Bert"]
+        assert [e["exported_by"] for e in call_history(conn, "c4")["exports"]] == ["Anna"]
+        audit = [repr(tuple(r)) for t in ("callback_exports", "callback_export_calls",
+                                          "callback_done")
+                 for r in conn.execute(f"SELECT * FROM {t}")]
+    finally:
+        conn.close()
+    text = "\n".join(audit)
+    assert ALICE not in text and BOB not in text
+
+
+def test_cli_export_needs_by(env: Env) -> None:
+    code, _, err = run(callbacks_export, env)
+    assert code == 2 and "--by" in err
+
+
+def test_calls_show_shows_the_survey_teams_side(env: Env) -> None:
+    run(callbacks_export, env, "--by", "Anna", "--as-of", "2025-06-20")
+    done(env, "c4", by="Bert")
+    result = CliRunner().invoke(cli_main, ["calls", "show", "--config", str(env.config), "c4"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["caller_number"] is None
+    assert [e["exported_by"] for e in shown["callbacks"]["exports"]] == ["Anna"]
+    assert [(d["done_by"], d["marked_call_id"]) for d in shown["callbacks"]["done"]] == [
+        ("Bert", "c4")]

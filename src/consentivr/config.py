@@ -255,11 +255,13 @@ DESTINATION_KEYS = ("context", "exten", "priority", "menu")
 FLOW_KEYS = (
     "languages", "language_menu", "notice", "purposes", "destination",
     "invalid", "numbers", "max_menu_seconds", "not_recorded",
+    "repeat_key", "more_info", "more_info_key", "language_by_country",
 )
 MENU_KEYS = ("prompt", "options", "timeout", "retries", "invalid", "default")
 FILE_KEYS = ("version", "flows", "menus")
 # Step names a purpose cannot take: they name the flow's other prompt files.
-_RESERVED_STEPS = ("notice", "invalid", "language", "not_recorded")
+_RESERVED_STEPS = ("notice", "invalid", "language", "not_recorded", "more_info")
+_COUNTRY_CODE = re.compile(r"[1-9][0-9]{0,2}")  # ITU-T E.164 country calling codes
 
 _LANGUAGE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -509,14 +511,23 @@ def _finish(raw: _Raw, scope: _Scope, *, where: str, step: str, language: str,
     return Prompt(media=raw.media, text=text, digest=raw.digest)
 
 
-def _wording(language: str, purposes: Mapping[str, int | None]) -> dict[str, str] | None:
-    """The placeholders every text of a flow may use, or None without wording."""
+def _wording(language: str, purposes: Mapping[str, int | None],
+             keys: Mapping[str, str | None] | None = None) -> dict[str, str] | None:
+    """The placeholders every text of a flow may use, or None without wording.
+
+    ``keys`` are the flow's own keys (``repeat_key``, ``more_info_key``): set ones
+    may be said in any of its texts.
+    """
     if not has_wording(language):
         return None
-    return {
+    values = {
         f"retention.{name}": retention_phrase(days, language) if days else "?"
         for name, days in purposes.items()
     }
+    for name, key in (keys or {}).items():
+        if key is not None:
+            values[name] = key_phrase(key, language)
+    return values
 
 
 @dataclass
@@ -669,7 +680,9 @@ def _parse_flow(f: Field, name: str, scope: _Scope,
             for d in flagged[1:]:
                 d.field.error(f"only one purpose can have {flag}: true "
                               f"('{flagged[0].name}' has it)")
-    wording = {lang: _wording(lang, {d.name: d.retention for d in drafts})
+    flow_keys = {k: fields[k].dtmf_key() if k in fields else None
+                 for k in ("repeat_key", "more_info_key")}
+    wording = {lang: _wording(lang, {d.name: d.retention for d in drafts}, flow_keys)
                for lang in languages}
     notice_required = [
         (f"retention.{d.name}", f"the notice does not state the retention of purpose "
@@ -690,6 +703,11 @@ def _parse_flow(f: Field, name: str, scope: _Scope,
     notice = per_language("notice", "notice", notice_required)
     invalid = per_language("invalid", "prompt")
     not_recorded = per_language("not_recorded", "prompt", dialplan=True)
+    more_info = per_language("more_info", "prompt")
+    if "more_info" in fields and "more_info_key" not in fields:
+        fields["more_info"].error("missing 'more_info_key': the key that plays it")
+    if "more_info_key" in fields and "more_info" not in fields:
+        fields["more_info_key"].error("missing 'more_info': the prompt this key plays")
     if "not_recorded" not in fields:
         not_recorded = _default_not_recorded(f, name, languages, scope)
     purposes: list[Purpose] = []
@@ -712,13 +730,57 @@ def _parse_flow(f: Field, name: str, scope: _Scope,
             if "language_menu" in fields else None)
     numbers = _numbers(fields["numbers"], name, scope) if "numbers" in fields else ()
     max_menu = fields["max_menu_seconds"].seconds() if "max_menu_seconds" in fields else 120.0
+    _check_flow_keys(fields, flow_keys, drafts, menu)
+    by_country = (_language_by_country(fields["language_by_country"], languages)
+                  if "language_by_country" in fields else {})
     if len(f.problems.lines) != before or destination is None or max_menu is None:
         return None  # a partial flow must never reach a caller
     return Flow(
         name=name, languages=languages, notice=notice, purposes=tuple(purposes),
         destination=destination, language_menu=menu, invalid=invalid, numbers=numbers,
         max_menu_seconds=max_menu, not_recorded=not_recorded,
+        repeat_key=flow_keys["repeat_key"], more_info=more_info,
+        more_info_key=flow_keys["more_info_key"], language_by_country=by_country,
     )
+
+
+def _check_flow_keys(fields: Mapping[str, Field], keys: Mapping[str, str | None],
+                     drafts: Sequence[_PurposeDraft], menu: LanguageMenu | None) -> None:
+    """``repeat_key`` and ``more_info_key`` must mean nothing else in the flow."""
+    taken: dict[str, str] = {}
+    for d in drafts:
+        for name, key in d.keys.items():
+            if key is not None:
+                taken.setdefault(key, f"purposes.{d.name}.{name}")
+    for key, language in (menu.keys.items() if menu else ()):
+        taken.setdefault(key, f"language_menu.keys (language '{language}')")
+    for name in ("repeat_key", "more_info_key"):
+        key = keys[name]
+        if key is None:
+            continue
+        if key in taken:
+            fields[name].error(f"key '{key}' is already {taken[key]}")
+        else:
+            taken[key] = name
+
+
+def _language_by_country(f: Field, languages: tuple[str, ...]) -> dict[str, str]:
+    """Country calling code -> language: ``{"49": de, "44": en}``."""
+    result: dict[str, str] = {}
+    for code, value in f.entries():
+        if not _COUNTRY_CODE.fullmatch(code):
+            value.problems.add(_key_node_of(f, code), value.path,
+                               "expected a country calling code: 1 to 3 digits, "
+                               'without + or 00 (quote it: "49")')
+            continue
+        language = value.string()
+        if language is None:
+            continue
+        if language not in languages:
+            value.error(f"language '{language}' is not in this flow's languages")
+            continue
+        result[code] = language
+    return result
 
 
 def _default_not_recorded(f: Field, flow: str, languages: tuple[str, ...],

@@ -11,6 +11,9 @@ What the file holds (every context starts with ``consentivr-``):
   Then the fallback plays "this call is not recorded", stops any MixMonitor, sets the
   variables to say nothing was consented to, and goes to the destination.
 - ``[consentivr-menu-<menu>]``: a DTMF menu from a dialplan file's ``menus:``.
+- ``[consentivr-render]``: one ``Set(CONSENTIVR_RENDER=<hash>)``, never run: the hash
+  of the rest (its dialplan lines, comments left out), so ``consentivr doctor`` can
+  read back over AMI whether Asterisk runs the current render (:func:`render_hash`).
 
 ``mode="agi"`` renders ``AGI(agi://host:port/<flow>)`` instead of ``Stasis()``, for a
 FastAGI adapter; the same fallback runs when ``AGISTATUS`` is not SUCCESS.
@@ -19,6 +22,7 @@ Everything here is pure: text in, text out.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +43,8 @@ MODES = ("ari", "agi")
 DEFAULT_AGI_URL = "agi://127.0.0.1:4573"
 _APP = re.compile(r"[A-Za-z0-9_-]+")
 _SOUND = re.compile(r"[A-Za-z0-9_./+=@~-]+")
+RENDER_CONTEXT = "consentivr-render"
+RENDER_VARIABLE = "CONSENTIVR_RENDER"
 _AGI_URL = re.compile(r"agi://[A-Za-z0-9.\-\[\]:]+(?::\d+)?")
 
 VARIABLES = """\
@@ -103,7 +109,28 @@ def render(flows: Mapping[str, Flow], menus: Mapping[str, Menu],
         out += ["", *_flow(flow, options)]
     for menu in menus.values():
         out += ["", *_menu(menu)]
+    out += ["", "; What doctor compares with a fresh render (no call comes here).",
+            f"[{RENDER_CONTEXT}]",
+            f"exten => s,1,Set({RENDER_VARIABLE}={render_hash(out)})"]
     return "\n".join(out) + "\n"
+
+
+def render_hash(lines: Iterable[str]) -> str:
+    """A short hash of the dialplan lines (comments, blanks and the marker left out):
+    equal for the same flows whatever the files were called."""
+    digest = hashlib.sha256()
+    for line in lines:
+        text = line.strip()
+        if text and not text.startswith(";") and RENDER_VARIABLE + "=" not in text \
+                and text != f"[{RENDER_CONTEXT}]":
+            digest.update(text.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def rendered_hash(text: str) -> str | None:
+    """The hash a rendered file carries, or None."""
+    found = re.search(rf"Set\({RENDER_VARIABLE}=([0-9a-f]+)\)", text)
+    return found.group(1) if found else None
 
 
 def _goto(d: Destination) -> str:

@@ -77,6 +77,7 @@ class Phase(StrEnum):
     NOTICE = "notice"  # the privacy notice is playing
     QUESTION_PROMPT = "question_prompt"  # a purpose's question is playing
     QUESTION_WAIT = "question_wait"  # waiting for the answer key
+    MORE_INFO = "more_info"  # the "more information" prompt is playing
     LOGGING = "logging"  # waiting for the decision to be committed
     RECORDING = "recording"  # waiting for Asterisk to confirm MixMonitor
     DONE = "done"  # continued into the dialplan, or hung up
@@ -114,7 +115,8 @@ class CallFlow:
         self.recordings_dir = recordings_dir.rstrip("/")
         self.recording_blocked = recording_blocked
         self.phase = Phase.START
-        self._p = _Progress(language=flow.languages[0])
+        # By the caller's country, where the flow maps it; a language menu still asks.
+        self._p = _Progress(language=flow.language_for(call.caller))
         self._counter = 0
 
     # -- public ----------------------------------------------------------
@@ -190,6 +192,31 @@ class CallFlow:
         self.phase = Phase.NOTICE
         self._p.attempts = 0  # language-menu attempts must not eat the first question's retries
         return self._play([self.flow.notice[self._p.language]])
+
+    def _replay_notice(self) -> list[Command]:
+        """The notice again (the repeat key): the current question follows, retries kept."""
+        self.phase = Phase.NOTICE
+        return self._play([self.flow.notice[self._p.language]])
+
+    def _play_more_info(self) -> list[Command]:
+        self.phase = Phase.MORE_INFO
+        return self._play([self.flow.more_info[self._p.language]])
+
+    def _caller_help(self, event: DigitPressed, where: str) -> list[Command] | None:
+        """The repeat or more-information key: never an answer, and no retry used.
+
+        Logged among the keys with its own step (``repeat:<where>``,
+        ``more_info:<where>``); the menu deadline keeps running meanwhile.
+        """
+        flow = self.flow
+        if event.digit == flow.repeat_key:
+            step, then = "repeat", self._replay_notice
+        elif event.digit == flow.more_info_key and flow.more_info:
+            step, then = "more_info", self._play_more_info
+        else:
+            return None
+        self._p.keys.append(KeyPress(event.digit, event.at, f"{step}:{where}"))
+        return self._stop_playback() + self._cancel_wait() + then()
 
     def _ask_question(self, again: bool = False) -> list[Command]:
         if self._p.purpose_index >= len(self.flow.purposes):
@@ -342,6 +369,8 @@ class CallFlow:
         """
         assert isinstance(event, DigitPressed)
         self._last_at = event.at
+        if (helped := self._caller_help(event, "notice")) is not None:
+            return helped
         self._p.keys.append(KeyPress(event.digit, event.at, "notice"))
         return self._stop_playback() + self._ask_question()
 
@@ -367,6 +396,8 @@ class CallFlow:
     def on_question_digit(self, event: Event) -> list[Command]:
         assert isinstance(event, DigitPressed)
         self._last_at = event.at
+        if (helped := self._caller_help(event, self._purpose.name)) is not None:
+            return helped
         return self._stop_playback() + self._cancel_wait() + self._answer_digit(event)
 
     def on_question_prompt_done(self, event: Event) -> list[Command]:
@@ -387,6 +418,28 @@ class CallFlow:
             self._ask_question,
             purpose.retries,
         )
+
+    def on_more_info_digit(self, event: Event) -> list[Command]:
+        """A key during "more information": repeat or more info again, or on to the question.
+
+        Any other key is logged but is not an answer (as in the notice): the caller
+        answers the question once it is asked again.
+        """
+        assert isinstance(event, DigitPressed)
+        self._last_at = event.at
+        if (helped := self._caller_help(event, "more_info")) is not None:
+            return helped
+        self._p.keys.append(KeyPress(event.digit, event.at, "more_info"))
+        return self._stop_playback() + self._ask_question()
+
+    def on_more_info_done(self, event: Event) -> list[Command]:
+        """Back to where the caller was: the current question (the first one after the
+        notice), asked again in full."""
+        if not self._is_current_playback(event):
+            return []
+        self._last_at = event.at
+        self._p.playback_id = None
+        return self._ask_question()
 
     def on_menu_deadline(self, event: Event) -> list[Command]:
         assert isinstance(event, DeadlinePassed)
@@ -482,6 +535,12 @@ TRANSITIONS: dict[tuple[Phase, type], Handler] = {
     (Phase.QUESTION_WAIT, DeadlinePassed): CallFlow.on_menu_deadline,
     (Phase.QUESTION_WAIT, HungUp): CallFlow.on_hangup_in_menu,
     (Phase.QUESTION_WAIT, Failed): CallFlow.on_failure_in_menu,
+
+    (Phase.MORE_INFO, DigitPressed): CallFlow.on_more_info_digit,
+    (Phase.MORE_INFO, PlaybackFinished): CallFlow.on_more_info_done,
+    (Phase.MORE_INFO, DeadlinePassed): CallFlow.on_menu_deadline,
+    (Phase.MORE_INFO, HungUp): CallFlow.on_hangup_in_menu,
+    (Phase.MORE_INFO, Failed): CallFlow.on_failure_in_menu,
 
     (Phase.LOGGING, DecisionLogged): CallFlow.on_logged,
     (Phase.LOGGING, HungUp): CallFlow.on_hangup_late,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from consentivr.audit import ChainReport
+from consentivr.callbacks import done_runs, export_runs
 from consentivr.errors import StoreError
 from consentivr.verifier import verify_log
 
@@ -128,6 +129,10 @@ class LogStats(Protocol):
 
     def notice_versions(self, period: Period) -> list[NoticeUse]: ...
 
+    def callback_exports(self, period: Period) -> list[dict[str, Any]]: ...
+
+    def callbacks_done(self, period: Period) -> list[dict[str, Any]]: ...
+
     def verify(self) -> ChainReport: ...
 
     def close(self) -> None: ...
@@ -154,6 +159,7 @@ class SqliteLogStats:
             raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
         self._purge_log = "purge_runs" in tables
         self._requests_log = "subject_requests" in tables
+        self._callbacks_log = "callback_exports" in tables
         self._grouped: dict[Period, list[sqlite3.Row]] = {}
 
     def close(self) -> None:
@@ -261,6 +267,18 @@ class SqliteLogStats:
         return int(self._one("SELECT count(*) FROM subject_requests WHERE kind = 'access' "
                              "AND at >= ? AND at < ?", period.bounds())[0])
 
+    def callback_exports(self, period: Period) -> list[dict[str, Any]]:
+        """Each ``callbacks export`` run: when, by whom, how many entries."""
+        if not self._callbacks_log:
+            return []
+        return export_runs(self.conn, *period.bounds())
+
+    def callbacks_done(self, period: Period) -> list[dict[str, Any]]:
+        """Numbers cleared by ``callbacks done``, per day and person."""
+        if not self._callbacks_log:
+            return []
+        return done_runs(self.conn, *period.bounds())
+
     def notice_versions(self, period: Period) -> list[NoticeUse]:
         uses: dict[tuple[str, str, str], list[Any]] = {}
         for r in self._groups(period):
@@ -297,7 +315,8 @@ class PostgresLogStats(SqliteLogStats):
         self.settings = settings
         self.conn = open_reader(settings)
         self.path = self.conn.where
-        self._purge_log = self._requests_log = True  # the migrations create them
+        # The migrations create them all.
+        self._purge_log = self._requests_log = self._callbacks_log = True
         self._grouped = {}
 
     def total_calls(self, period: Period) -> int:

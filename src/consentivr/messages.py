@@ -164,7 +164,10 @@ class DisarmDeadline:
 class KeyPress:
     digit: str
     at: float
-    step: str  # "language", "notice" or a purpose name
+    # "language", "notice", a purpose name (an answer, or an invalid key), or caller
+    # help, never an answer: "repeat:<where>", "more_info:<where>" (<where> is
+    # "notice", "more_info" or a purpose name) and "more_info" (a key that cut it short)
+    step: str
 
 
 @dataclass(frozen=True)

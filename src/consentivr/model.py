@@ -160,6 +160,37 @@ class Flow:
     # "This call is not recorded", per language: the rendered dialplan plays it when
     # the app is down (STASISSTATUS=FAILED). The app itself does not use it.
     not_recorded: Mapping[str, Prompt] = field(default_factory=dict)
+    # Pressed during the notice or a question: the notice again, then that question.
+    repeat_key: str | None = None
+    # "More information" (say, the full privacy statement), per language, on its own key.
+    more_info: Mapping[str, Prompt] = field(default_factory=dict)
+    more_info_key: str | None = None
+    # Country calling code ("49") -> the language a caller from there starts in.
+    language_by_country: Mapping[str, str] = field(default_factory=dict)
+
+    def language_for(self, caller: str | None) -> str:
+        """The language a call starts in: by the caller's country code, else the first.
+
+        Only an international number (``+49...`` or ``0049...``) says its country; the
+        longest code of ``language_by_country`` it starts with wins ("1" vs "1868").
+        """
+        default = self.languages[0]
+        if not caller or not self.language_by_country:
+            return default
+        number = caller.strip()
+        if number.startswith("+"):
+            digits = number[1:]
+        elif number.startswith("00"):
+            digits = number[2:]
+        else:
+            return default  # a national number says nothing about a country
+        if not digits.isdigit():
+            return default
+        for length in (3, 2, 1):  # ITU country codes are one to three digits
+            language = self.language_by_country.get(digits[:length])
+            if language is not None and language in self.languages:
+                return language
+        return default
 
     @property
     def callback_purpose(self) -> Purpose | None:
@@ -174,7 +205,7 @@ class Flow:
 
         It changes when a text, a file, a key or a retention period changes.
         """
-        payload = {
+        payload: dict[str, object] = {
             "notice": self.notice[language].fingerprint(),
             "purposes": [
                 {
@@ -187,5 +218,11 @@ class Flow:
                 for p in self.purposes
             ],
         }
+        # Only when set, so that the versions of flows without them stay what they were.
+        if self.repeat_key is not None:
+            payload["repeat_key"] = self.repeat_key
+        if self.more_info:
+            payload["more_info"] = {"key": self.more_info_key,
+                                    "prompt": self.more_info[language].fingerprint()}
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -276,8 +276,12 @@ class SandboxPbx:
         binds: Sequence[Path] = (),
         shared_dir: Path | None = None,
         http_sessionlimit: int = 100,
+        run_as: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).absolute()
+        # Asterisk's run user in the sandbox (e.g. "asterisk": -U/-G, as Debian's service
+        # runs it); None: root. See _grant_run_user.
+        self.run_as = run_as
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.root = self.cache_dir / "sid-root"
         self.binds = [Path(b).absolute() for b in binds]
@@ -512,6 +516,35 @@ class SandboxPbx:
         if not self.features_path.exists():
             _write_atomic(self.features_path, "; written by tests / the demo (set_features)\n")
 
+    def sandbox_ids(self, name: str) -> tuple[int, int]:
+        """The uid and gid of a user of the sandbox's root (its /etc/passwd, not the host's:
+        Debian's ``asterisk`` there may be another name's number here)."""
+        for line in (self.root / "etc" / "passwd").read_text(encoding="utf-8").splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[0] == name:
+                return int(fields[2]), int(fields[3])
+        raise PbxError(f"no user {name!r} in {self.root}/etc/passwd")
+
+    def _grant_run_user(self) -> None:
+        """Let a non-root Asterisk read its config and write its own dirs.
+
+        With -U, Asterisk drops root's capabilities: the run dir must be searchable by
+        its group, its config group-readable, and log/run/spool/db/cache its own.
+        Nothing is opened to others.
+        """
+        assert self.run_as is not None
+        uid, gid = self.sandbox_ids(self.run_as)
+        os.chown(self.run_dir, -1, gid)
+        os.chmod(self.run_dir, 0o750)
+        for path in self.etc_dir.rglob("*"):
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o750 if path.is_dir() else 0o640)
+        os.chown(self.etc_dir, -1, gid)
+        os.chmod(self.etc_dir, 0o750)
+        for sub in ("log", "run", "spool", "db", "cache"):
+            for path in [self.run_dir / sub, *(self.run_dir / sub).rglob("*")]:
+                os.chown(path, uid, gid)
+
     def _allocate_ports(self) -> _Ports:
         rtp_start, rtp_end = _pick_rtp_range()
         return _Ports(
@@ -546,7 +579,11 @@ class SandboxPbx:
         self._write_config(ports)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._console = self.console_log_path.open("ab")
-        cmd = [*self._bwrap(), ASTERISK_BIN, "-f", "-n", "-C", str(self.asterisk_conf)]
+        user: list[str] = []
+        if self.run_as:
+            self._grant_run_user()
+            user = ["-U", self.run_as, "-G", self.run_as]
+        cmd = [*self._bwrap(), ASTERISK_BIN, "-f", "-n", *user, "-C", str(self.asterisk_conf)]
         log.info("starting Asterisk: %s", " ".join(cmd))
         try:
             self._proc = subprocess.Popen(
@@ -743,6 +780,113 @@ class SandboxPbx:
                 f"{command}: Asterisk rejected parts of the config (log: {self.log_path}):\n"
                 + "\n".join(problems)
             )
+
+
+class StockSandboxPbx(SandboxPbx):
+    """Debian's STOCK ``/etc/asterisk`` (from the sandbox root), as a new install has it,
+    run as the sandbox's ``asterisk`` user. The install test adds exactly what
+    ``consentivr asterisk-config --add-includes`` writes; these are the test's own
+    tweaks, none of them consentivr's config:
+
+    - ``asterisk.conf``: etc, db, spool, run, log and cache dirs in the run dir (the
+      sandbox root is read-only and shared by parallel test PBXes); Debian's
+      ``[directories](!)`` is a template, which Asterisk ignores, so the ``(!)`` goes;
+    - ``modules.conf``: ``noload`` for channel drivers that bind fixed ports on every
+      address (IAX2, MGCP, Unistim), so parallel PBXes cannot clash;
+    - ``rtp.conf``: a free RTP port block;
+    - ``pjsip.conf``: a UDP transport on a free loopback port and the sipp caller's
+      endpoint, whose calls land in ``consentivr-entry``.
+
+    HTTP and AMI ports come from consentivr's config, through ``asterisk-config``.
+    """
+
+    NOLOAD = ("chan_iax2.so", "chan_mgcp.so", "chan_unistim.so", "chan_skinny.so",
+              "chan_ooh323.so", "res_phoneprov.so", "res_pjsip_phoneprov_provider.so")
+
+    def __init__(self, run_dir: Path, *, http_port: int, ami_port: int, ari_password: str,
+                 ami_password: str, binds: Sequence[Path] = (),
+                 shared_dir: Path | None = None, run_as: str | None = "asterisk") -> None:
+        super().__init__(run_dir, binds=binds, shared_dir=shared_dir, run_as=run_as)
+        self._ari_password = ari_password
+        self._ami_password = ami_password
+        self._http_port, self._ami_port = http_port, ami_port
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "messages.log"  # Debian's logger.conf
+
+    def _allocate_ports(self) -> _Ports:
+        ports = super()._allocate_ports()
+        return _Ports(self._http_port, self._ami_port, ports.sip, ports.rtp_start,
+                      ports.rtp_end)
+
+    def install_stock(self) -> Path:
+        """Copy the stock config into the run dir and apply the test's tweaks (once).
+        Returns the config dir, the run's /etc/asterisk."""
+        self.provision()
+        if (self.etc_dir / "asterisk.conf").exists():
+            return self.etc_dir
+        if self._ports is None:
+            self._ports = self._allocate_ports()
+        ports = self._ports
+        shutil.copytree(self.root / "etc" / "asterisk", self.etc_dir, symlinks=True)
+        for sub in ("log", "run", "spool", "db", "cache"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._shared_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.etc_dir / "asterisk.conf"
+        moved = {"astetcdir": self.etc_dir, "astdbdir": self.run_dir / "db",
+                 "astspooldir": self.run_dir / "spool", "astrundir": self.run_dir / "run",
+                 "astlogdir": self.run_dir / "log", "astcachedir": self.run_dir / "cache"}
+        lines = []
+        for line in conf.read_text(encoding="utf-8").splitlines():
+            if line.startswith("[directories](!)"):  # Debian's: a template, so unused
+                line = "[directories]"
+            key = line.split("=>", 1)[0].strip()
+            lines.append(f"{key} => {moved[key]}" if key in moved and "=>" in line else line)
+        _write_atomic(conf, "\n".join(lines) + "\n")
+        self._append("modules.conf", "; test: no fixed-port channel drivers\n[modules](+)\n"
+                      + "".join(f"noload => {m}\n" for m in self.NOLOAD))
+        self._append("rtp.conf", f"; test: a free RTP block\n[general](+)\n"
+                                 f"rtpstart = {ports.rtp_start}\nrtpend = {ports.rtp_end}\n")
+        _write_atomic(self.etc_dir / "pjsip-test.conf", _TEST_PJSIP.format(port=ports.sip))
+        self._append("pjsip.conf", "; test: the sipp caller\n#include pjsip-test.conf\n")
+        return self.etc_dir
+
+    def _append(self, name: str, text: str) -> None:
+        path = self.etc_dir / name
+        _write_atomic(path, path.read_text(encoding="utf-8") + "\n" + text)
+
+    def _write_config(self, ports: _Ports) -> None:
+        self.install_stock()
+
+
+_TEST_PJSIP = """\
+; The install test's SIP caller (sipp on 127.0.0.1), identified by address.
+[transport-test]
+type = transport
+protocol = udp
+bind = 127.0.0.1:{port}
+
+[caller]
+type = endpoint
+transport = transport-test
+context = consentivr-entry
+disallow = all
+allow = alaw,ulaw
+dtmf_mode = rfc4733
+direct_media = no
+rtp_symmetric = yes
+aors = caller
+
+[caller]
+type = aor
+max_contacts = 1
+
+[caller]
+type = identify
+endpoint = caller
+match = 127.0.0.1
+"""
 
 
 _CONFIG_SOURCES = re.compile(r"\] (config|pbx_config|features_config|config_options)\.c:")

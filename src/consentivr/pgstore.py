@@ -126,6 +126,15 @@ POSTGRES = Schema("postgresql", {
         "WHERE caller_number IS NOT NULL",
         "CREATE TABLE subject_requests (id BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, "
         "at TEXT NOT NULL)",
+        # consentivr.callbacks: the survey team's exports and "done" marks.
+        "CREATE TABLE callback_done (id BIGSERIAL PRIMARY KEY, call_id TEXT NOT NULL, "
+        "marked_call_id TEXT NOT NULL, done_by TEXT NOT NULL, done_at TEXT NOT NULL)",
+        "CREATE INDEX callback_done_call ON callback_done(call_id)",
+        "CREATE TABLE callback_exports (id BIGSERIAL PRIMARY KEY, exported_at TEXT NOT NULL, "
+        "exported_by TEXT NOT NULL, as_of TEXT NOT NULL, entries INTEGER NOT NULL)",
+        "CREATE TABLE callback_export_calls (export_id BIGINT NOT NULL "
+        "REFERENCES callback_exports(id), call_id TEXT NOT NULL)",
+        "CREATE INDEX callback_export_calls_call ON callback_export_calls(call_id)",
     ),
 }, "%s")
 
@@ -420,10 +429,15 @@ class _Row:
 _INDEXED_BY = re.compile(r"\s+INDEXED BY \w+", re.IGNORECASE)
 
 
+_SQLITE_MASTER = "FROM sqlite_master WHERE type='table' AND name="
+_TABLES = "FROM information_schema.tables WHERE table_schema = current_schema() AND table_name="
+
+
 def translate(sql: str) -> str:
     """The log's SQLite dialect, as the readers write it, in PostgreSQL's: ``?``
-    placeholders, no ``INDEXED BY`` hints, ``last_insert_rowid()``."""
+    placeholders, no ``INDEXED BY`` hints, ``last_insert_rowid()``, a table probe."""
     sql = _INDEXED_BY.sub("", sql).replace("last_insert_rowid()", "lastval()")
+    sql = sql.replace(_SQLITE_MASTER, _TABLES)
     return sql.replace("%", "%%").replace("?", "%s")
 
 

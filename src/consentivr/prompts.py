@@ -154,6 +154,7 @@ def text_prompts(flows: Iterable[Flow], menus: Iterable[Menu] = ()) -> list[Text
                 yield from purpose.question.values()
             yield from flow.invalid.values()
             yield from flow.not_recorded.values()
+            yield from flow.more_info.values()
         for menu in menus:
             yield from menu.prompt.values()
             yield from menu.invalid.values()

@@ -3,8 +3,9 @@
 :func:`gather` reads only aggregates through :class:`~consentivr.logstats.LogStats`
 and checks the recordings still held against the files on disk. The result,
 :class:`Report`, is plain data (``to_json()``); :mod:`consentivr.reportpage` turns
-it into the HTML page. Nothing in a report is personal: no caller numbers, call
-ids, channel names or recording paths, only counts, dates and the config.
+it into the HTML page. Nothing in a report is personal about a caller: no caller
+numbers, call ids, channel names or recording paths, only counts, dates and the
+config; the only names are the staff who exported the callback list (accountability).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Report:
     chain: dict[str, Any]
     art30: dict[str, Any]
     weeks: tuple[str, ...] = field(default=())  # every ISO week with calls, in order
+    # The survey team's side: each export of the callback list (when, by whom, how
+    # many entries) and the numbers cleared by "callbacks done". Staff, not callers.
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def past_retention(self) -> int:
@@ -101,6 +105,7 @@ class Report:
             "notices": list(self.notices),
             "chain": self.chain,
             "art30": self.art30,
+            "callbacks": self.callbacks,
         }
 
 
@@ -126,12 +131,15 @@ def gather(stats: LogStats, settings: Settings, period: Period,
         requests = {"access": stats.access_requests(period),
                     "erasure": stats.erasures(period)}
         notices = _notices(stats, settings.flows, period)
+        done = stats.callbacks_done(period)
+        callbacks = {"exports": stats.callback_exports(period), "done": done,
+                     "numbers_cleared": sum(d["numbers_cleared"] for d in done)}
         chain = _chain(chain_job.result()) if chain_job is not None else {"checked": False}
     return Report(
         generated_at=iso(now), period=period, calls=calls, purposes=tuple(purposes),
         withdrawals=withdrawals, recordings=recordings, retention=retention, purges=purges,
         requests=requests, notices=tuple(notices), chain=chain,
-        art30=art30_record(settings), weeks=tuple(weeks),
+        art30=art30_record(settings), weeks=tuple(weeks), callbacks=callbacks,
     )
 
 
@@ -268,6 +276,9 @@ def _notices(stats: LogStats, flows: Mapping[str, Flow],
         if current and flow is not None:
             entry["parts"] = [{"step": "notice", **_said(flow.notice[n.language])}] + [
                 {"step": p.name, **_said(p.question[n.language])} for p in flow.purposes]
+            if n.language in flow.more_info:  # part of the version: what a caller could hear
+                entry["parts"].append({"step": "more_info",
+                                       **_said(flow.more_info[n.language])})
         result.append(entry)
     return result
 

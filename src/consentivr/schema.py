@@ -47,7 +47,8 @@ def dialplan_schema() -> dict[str, Any]:
             "file": _text("your own recording, relative to this file: .wav (8 kHz mono "
                           "16-bit), .gsm, .ulaw, .sln..., or a name without extension"),
             "text": _text("spoken by `consentivr prompts build` (espeak-ng); may use "
-                          "placeholders such as {retention.recording} and {yes_key}"),
+                          "placeholders such as {retention.recording}, {yes_key} and "
+                          "{repeat_key}"),
             "voice": _text("the espeak-ng voice for text, e.g. nl, en-gb, en+f3"),
             "transcript": _text("what a media or file prompt says, with the same "
                                 "placeholders and checks as text"),
@@ -152,7 +153,25 @@ def dialplan_schema() -> dict[str, Any]:
             "max_menu_seconds": _ref("seconds"),
             "not_recorded": {**_ref("perLanguage"),
                              "description": "played by the dialplan when the app is down"},
+            "repeat_key": {**_ref("dtmfKey"),
+                           "description": "during the notice or a question: the notice "
+                                          "again, then that question ({repeat_key})"},
+            "more_info": {**_ref("perLanguage"),
+                          "description": "more information (e.g. where to read the full "
+                                         "privacy statement), played on more_info_key"},
+            "more_info_key": {**_ref("dtmfKey"),
+                              "description": "plays more_info, then back to where the "
+                                             "caller was ({more_info_key})"},
+            "language_by_country": {
+                "type": "object",
+                "description": 'country calling code -> language, e.g. {"49": de}: an '
+                               "international caller number starts in that language",
+                "propertyNames": {"pattern": r"^[1-9][0-9]{0,2}$"},
+                "additionalProperties": {"type": "string", "pattern": _LANGUAGE},
+            },
         },
+        "dependentRequired": {"more_info": ["more_info_key"],
+                              "more_info_key": ["more_info"]},
     }
     menu = {
         "type": "object",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
-from consentivr.paths import make_private_dir
+from consentivr.ownership import prepare_recordings_dir
 from consentivr.recovery import lookup_for
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
@@ -59,12 +58,9 @@ class _NoRecorder:
 
 
 def prepare_paths(settings: Settings) -> None:
-    """Create the recordings dir 0700 (its missing parents too, whatever the umask) and
-    warn about a readable database."""
-    rec = settings.recordings.dir
-    make_private_dir(rec, 0o700)
-    with contextlib.suppress(OSError):
-        os.chmod(rec, 0o700)
+    """Create the recordings dir (2770: the user model, see ownership.py) and warn
+    about a readable database."""
+    prepare_recordings_dir(settings.recordings.dir)
     if database_is_world_readable(settings.database):
         log.warning("%s is readable by group or others: chmod 600 it", settings.database)
 

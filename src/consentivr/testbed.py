@@ -141,6 +141,39 @@ def flow_yaml(
 """
 
 
+def help_flow_yaml(
+    name: str = "help", *, timeout: float = 2.0, retries: int = 1,
+    notice: str = "sound:hello-world", notice_de: str = "sound:hello-world",
+    question: str = "sound:beep", question_de: str = "sound:beep",
+    more_info: str = "sound:tt-monkeys", destination: str = "consentivr-dest",
+) -> str:
+    """A test flow with the caller-help keys (issue 18): English and German, the
+    repeat key 0, more information on 8, and +49 callers starting in German."""
+    purposes = "".join(f"""
+    {purpose}:
+      basis: consent{extra}
+      retention_days: {days}
+      yes_key: "1"
+      no_key: "2"
+      timeout: {timeout}
+      retries: {retries}
+      question: {{en: {{media: [{question}]}}, de: {{media: [{question_de}]}}}}"""
+        for purpose, extra, days in (("recording", "\n      records: true", 90),
+                                     ("callback", "\n      callback: true", 30)))
+    return f"""\
+{name}:
+  languages: [en, de]
+  language_by_country: {{"49": de}}
+  repeat_key: "0"
+  more_info_key: "8"
+  notice: {{en: {{media: [{notice}]}}, de: {{media: [{notice_de}]}}}}
+  more_info: {{en: {{media: [{more_info}]}}, de: {{media: [{more_info}]}}}}
+  invalid: {{en: {{media: [sound:beep]}}, de: {{media: [sound:beep]}}}}
+  purposes:{purposes}
+  destination: {{context: {destination}, exten: s, priority: 1}}
+"""
+
+
 @dataclass
 class LocalCall:
     caller_id: str  # the ;1 half, in the helper caller app: we press keys here

@@ -84,13 +84,15 @@ async def _context(action: Action) -> Finding:
                        f"({exc})",
                        "write it with `consentivr asterisk-config` (or `consentivr recording "
                        "features --dialplan-out ...`), #include it from extensions.conf, then "
-                       "`asterisk -rx 'dialplan reload'`")
+                       "`asterisk -rx 'dialplan reload'`; ShowDialPlan needs the AMI user's "
+                       "write=reporting")
     return Finding("context", True, f"dialplan context {WITHDRAW_CONTEXT} loaded")
 
 
 async def _events(probe: Probe) -> Finding:
     fix = ("in manager.conf give the consentivr user read=call,user and write=system,call,"
-           "user, then `asterisk -rx 'manager reload'`")
+           "user,reporting (`consentivr asterisk-config` writes it), then "
+           "`asterisk -rx 'manager reload'`")
     try:
         heard = await probe(secrets.token_hex(8))
     except AmiError as exc:

@@ -210,7 +210,7 @@ def calls_list(config_path: str, limit: int, as_json: bool, number: str | None) 
     click.echo(f"{'CALL ID':32}  {'DECIDED (UTC)':19}  {'FLOW':10} {'LANG':4}  DECISIONS  REC")
     for row in rows:
         decisions = ",".join(f"{k}={v}" for k, v in sorted(row["decisions"].items()))
-        rec = {1: "confirmed", 0: "FAILED", None: "-"}[row.get("recording_confirmed")]
+        rec = recording_status(row)
         click.echo(f"{row['call_id']:32}  {row['decided_at'][:19]:19}  {row['flow']:10} "
                    f"{row['language']:4}  {decisions}  {rec}")
 
@@ -229,7 +229,19 @@ def calls_show(config_path: str, call_id: str) -> None:
     row = log.call(call_id)
     if row is None:
         raise click.ClickException(f"no call with id {call_id!r} in {log.path}")
+    from consentivr.callbacks import call_history
+
+    # The survey team's side: the export runs that listed it, and "callbacks done".
+    reader = log.reader() if hasattr(log, "reader") else log.conn  # a shared log: its session
+    row["callbacks"] = call_history(reader, row["call_id"])
     click.echo(json.dumps(_brief(row, full=True), indent=2, sort_keys=True))
+
+
+def recording_status(row: dict[str, Any]) -> str:
+    """The REC column: a withdrawal overrides what the recording did before it."""
+    if row.get("withdrawn_at"):
+        return f"withdrawn({row.get('withdrawn_by') or '?'})"
+    return {1: "confirmed", 0: "FAILED"}.get(row.get("recording_confirmed"), "-")
 
 
 def _brief(row: dict[str, Any], full: bool) -> dict[str, Any]:
@@ -260,6 +272,11 @@ def _register() -> None:
     from consentivr.cli import report
 
     main.add_command(report.report_command)
+
+    from consentivr.cli import install
+
+    for command in install.COMMANDS:
+        main.add_command(command)
 
     from consentivr.cli import db
 

@@ -10,6 +10,9 @@ Exit codes (the same for every command here):
   3  ran, but something needs a person: a recording left alone (symlink,
      outside the dir, permission), a broken hash chain, an erasure left unfinished
   4  another purge or erasure is running (the lock is held): try again later
+
+``callbacks done`` exits 0 when every id is cleared now or was already, and 3 when
+an id is unknown or never asked for a callback (the other ids are cleared anyway).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, ClassVar
 import click
 
 from consentivr.audit import count_rows, verify_chain
+from consentivr.callbacks import DoneStatus, mark_done, record_export, staff_name
 from consentivr.cli import config_option, friendly_errors, settings_from
 from consentivr.config import Settings
 from consentivr.consentlog import caller_key_for, open_log_for, open_reader
@@ -415,36 +419,45 @@ def callbacks_group() -> None:
 
     \b
     Example:
-      consentivr callbacks export --format csv > callbacks.csv
+      consentivr callbacks export --by "J. de Vries" > callbacks.csv
+      consentivr callbacks done --by "J. de Vries" --from-file called.csv
     """
+
+
+_BY = click.option("--by", "by", required=True, metavar="NAME",
+                   help="Who does this (kept in the audit table, shown by calls show).")
 
 
 @callbacks_group.command("export")
 @config_option
+@_BY
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
               show_default=True)
 @click.option("--as-of", type=IsoDate(), metavar="ISO-DATE",
               help="The list as it was (or will be) then.")
-def callbacks_export(config_path: str, fmt: str, as_of: float | None) -> None:
+def callbacks_export(config_path: str, by: str, fmt: str, as_of: float | None) -> None:
     """Callers who said yes to the callback and are within its retention.
 
     This is the list the quality team may call, and no one else: a later call
-    from the same number that did not say yes takes it off. One line per number,
-    in E.164. The CSV quotes every field and prefixes a field starting with
-    = + - @ (a spreadsheet formula) with ' as OWASP advises, so numbers read
-    '+31201234567 there; the JSON has them plain.
+    from the same number that did not say yes takes it off, and so does
+    `callbacks done`. One line per number, in E.164. The CSV quotes every field and
+    prefixes a field starting with = + - @ (a spreadsheet formula) with ' as OWASP
+    advises, so numbers read '+31201234567 there; the JSON has them plain. Each run
+    is recorded: when, by whom and how many entries (never the numbers).
 
     \b
     Example:
-      consentivr callbacks export > callbacks.csv
-      consentivr callbacks export --format json | jq '.[].number'
+      consentivr callbacks export --by "J. de Vries" > callbacks.csv
+      consentivr callbacks export --by ops --format json | jq '.[].number'
     """
     settings = settings_from(config_path)
     when = _as_of(as_of)
     with _errors():
+        by = staff_name(by)
         conn = open_log_for(settings)
         try:
             rows = callback_list(conn, settings.flows, when, settings.callers.default_region)
+            record_export(conn, rows, by, time.time(), when)
         finally:
             conn.close()
     if fmt == "json":
@@ -469,6 +482,70 @@ def _csv_cell(value: object) -> str:
     """
     text = strip_controls("" if value is None else str(value))
     return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
+def _ids_from_file(path: str) -> list[str]:
+    """One call id a line (``#`` comments), or the CSV of ``callbacks export``."""
+    try:
+        with click.open_file(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise click.ClickException(f"{path}: {exc.strerror}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if lines and "call_id" in next(csv.reader([lines[0]])):  # the export's (quoted) CSV
+        return [row["call_id"].removeprefix("'")
+                for row in csv.DictReader(io.StringIO("\n".join(lines))) if row.get("call_id")]
+    return lines
+
+
+@callbacks_group.command("done")
+@config_option
+@click.argument("call_ids", nargs=-1, metavar="CALL_ID...")
+@click.option("--from-file", "from_file", metavar="FILE",
+              help="Call ids, one a line, or the CSV of callbacks export ('-': stdin).")
+@_BY
+@click.option("--json", "as_json", is_flag=True, help="Print one result per id as JSON.")
+def callbacks_done(config_path: str, call_ids: tuple[str, ...], from_file: str | None,
+                   by: str, as_json: bool) -> None:
+    """The callers of these calls have been called back: clear their numbers now.
+
+    Each number is cleared at once (also from that caller's earlier calls), the
+    call leaves the next export, and who and when is kept in the audit table.
+    An unknown or already cleared id is reported and the others go on.
+    Exit code 0: every id cleared (now or before); 3: an id unknown or not a callback.
+
+    \b
+    Example:
+      consentivr callbacks done --by "J. de Vries" 3f2a9c0d4b1e4c0e9a7d2b6f1e3c5a7b
+      consentivr callbacks done --by "J. de Vries" --from-file called.csv
+    """
+    ids = list(call_ids) + (_ids_from_file(from_file) if from_file else [])
+    if not ids:
+        raise click.UsageError("give CALL_ID... or --from-file")
+    settings = settings_from(config_path)
+    with _errors():
+        by = staff_name(by)
+        conn = open_log_for(settings)
+        try:
+            results = mark_done(conn, dict.fromkeys(ids), by, time.time())
+        finally:
+            conn.close()
+    words = {DoneStatus.CLEARED: "cleared", DoneStatus.ALREADY_CLEARED: "already cleared",
+             DoneStatus.NOT_A_CALLBACK: "no callback asked: nothing to clear",
+             DoneStatus.UNKNOWN: "unknown call id"}
+    for r in results:
+        if as_json:
+            click.echo(json.dumps(r.to_json(), sort_keys=True))
+        elif r.status is DoneStatus.CLEARED:
+            click.echo(f"{r.call_id}: cleared ({r.numbers_cleared} row(s) held the number)")
+        else:
+            earlier = f" (by {r.done_by} at {r.done_at})" if r.done_by else ""
+            click.echo(f"{r.call_id}: {words[r.status]}{earlier}",
+                       err=r.status not in (DoneStatus.ALREADY_CLEARED,))
+    bad = [r for r in results if r.status in (DoneStatus.UNKNOWN, DoneStatus.NOT_A_CALLBACK)]
+    if bad:
+        raise NeedsAttention(f"{len(bad)} of {len(results)} id(s) not cleared; see above")
 
 
 COMMANDS = (purge_command, verify_command, subject_group, callbacks_group)
