@@ -659,3 +659,18 @@ def test_an_empty_database_is_no_log_for_readers_and_created_by_writers(pg: Back
     purge = CliRunner().invoke(main, ["purge", "--dry-run", "--config", str(pg.config)])
     assert purge.exit_code == 0, purge.output  # a writer creates the schema, as on SQLite
     assert CliRunner().invoke(main, ["verify", "--config", str(pg.config)]).exit_code == 0
+
+
+@pytest.mark.postgres
+def test_doctor_checks_the_shared_log_instead_of_a_file(pg: Backend, tmp_path: Path) -> None:
+    from consentivr.doctor import FAIL, OK, _shared_log
+
+    pg.add(1)
+    ok = _shared_log(pg.settings_for("n1"))
+    assert (ok.status, ok.detail) == (OK, "reachable, schema current")
+    (tmp_path / "down").mkdir()
+    config = _write_config(tmp_path / "down", "postgresql://u@127.0.0.1:1/db", "n1",
+                           f"database_password_env: {PGPASS_ENV}\n")
+    down = _shared_log(load_settings(config, secrets=()))
+    assert down.status == FAIL and "cannot connect to the consent log" in down.detail
+    assert "consentivr db status" in down.fix
