@@ -43,6 +43,7 @@ from consentivr.paths import (
     check_parents,
     make_private_dir,
 )
+from consentivr.schemaversion import SQLITE, check_version
 
 if TYPE_CHECKING:
     from consentivr.consentlog import ConsentLogBackend
@@ -197,9 +198,13 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.executescript(_SCHEMA)
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
-    from consentivr.schemaversion import SQLITE, check_version
-
-    check_version(SQLITE, conn, str(path), fresh=fresh)
+    try:
+        check_version(SQLITE, conn, str(path), fresh=fresh)
+    except (StoreError, sqlite3.Error) as exc:
+        conn.close()
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
     return conn
 
 
