@@ -1,5 +1,5 @@
 """Shared test setup: the real-Asterisk fixtures, and the CI rule that a skipped
-real-Asterisk (or real-Chromium) test is a failure."""
+real-Asterisk (or real-Chromium, real-PostgreSQL) test is a failure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.pbx_fixtures"]
+pytest_plugins = ["tests.pbx_fixtures", "tests.pg_fixtures"]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -15,7 +15,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     report = outcome.get_result()
     in_ci = os.environ.get("CI", "").lower() == "true"
-    real = next((m for m in ("asterisk", "chromium") if item.get_closest_marker(m)), None)
+    real = next((m for m in ("asterisk", "chromium", "postgres")
+                 if item.get_closest_marker(m)), None)
     if in_ci and report.skipped and real is not None:
         # Under CI, "could not reach Asterisk" (or "no browser") must never look like a pass.
         report.outcome = "failed"

@@ -7,15 +7,22 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from consentivr.config import Settings, load_settings
+from consentivr.consentlog import open_consent_log, open_log_for
 from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
-from consentivr.retention import open_log
+from consentivr.retention import PurgeOptions, PurgeReport, open_log, run_purge
 from consentivr.store import CallerKey, ConsentLog
+from consentivr.subject import erase_subject
 
 DAY = 86400.0
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z: every row is decided at or after this
 KEY = b"k"
+PGPASS_ENV = "CONSENTIVR_TEST_PGPASS"
 
 CONFIG = """\
 ari:
@@ -82,6 +89,9 @@ class Env:
 
     root: Path
     log_days: int = 730
+    # A shared PostgreSQL log instead of the SQLite file (the ``pg_env`` fixture):
+    # the same tests then run against both backends.
+    pg_url: str | None = None
     db: Path = field(init=False)
     rec: Path = field(init=False)
     config: Path = field(init=False)
@@ -91,11 +101,51 @@ class Env:
         self.rec = self.root / "recordings"
         self.rec.mkdir(parents=True, exist_ok=True)
         self.config = self.root / "config.yaml"
-        self.config.write_text(CONFIG.format(db=self.db, rec=self.rec, log_days=self.log_days))
+        text = CONFIG.format(db=self.pg_url or self.db, rec=self.rec, log_days=self.log_days)
+        if self.pg_url:
+            text += f"database_password_env: {PGPASS_ENV}\nnode: n1\n"
+        self.config.write_text(text)
         self.key = CallerKey(KEY)
         self._next = 1
 
+    @property
+    def settings(self) -> Settings:
+        return load_settings(self.config, secrets=())
+
+    @property
+    def shared(self) -> Settings | None:
+        """The ``shared`` argument of run_purge and erase_subject."""
+        return self.settings if self.pg_url else None
+
+    def purge(self, opts: PurgeOptions) -> PurgeReport:
+        return run_purge(self.db, self.rec, opts, shared=self.shared)
+
+    def erase(self, number: str, **kw: Any) -> PurgeReport:
+        return erase_subject(self.db, self.rec, self.key, number, shared=self.shared, **kw)
+
+    def tamper(self, sql: str, params: tuple[object, ...] = ()) -> None:
+        """An attacker's write, straight to the database."""
+        conn = sqlite3.connect(self.db) if self.pg_url is None else self.conn()
+        try:
+            with conn:
+                conn.execute(sql, params)
+        finally:
+            conn.close()
+
+    def open_log(self) -> Any:
+        """The log on this Env's backend (close it)."""
+        if self.pg_url:
+            return open_consent_log(self.settings)
+        return ConsentLog(self.db, self.key)
+
     def add(self, *records: DecisionRecord) -> None:
+        if self.pg_url:
+            shared = open_consent_log(self.settings)
+            try:
+                shared.append_many(list(records))
+            finally:
+                shared.close()
+            return
         log = ConsentLog(self.db, self.key)
         try:
             log.append_many(list(records))
@@ -125,7 +175,7 @@ class Env:
         return path
 
     def conn(self) -> sqlite3.Connection:
-        return open_log(self.db)
+        return open_log(self.db) if self.pg_url is None else open_log_for(self.settings)
 
     def row(self, seq: int) -> sqlite3.Row:
         conn = self.conn()
@@ -144,3 +194,15 @@ class Env:
     def files(self) -> set[str]:
         return {str(p.relative_to(self.rec)) for p in self.rec.rglob("*")
                 if p.is_file() or p.is_symlink()}
+
+
+def backend_env(request: Any, tmp_path: Path) -> Env:
+    """An Env on the backend of ``request.param`` (sqlite | postgres)."""
+    if request.param == "sqlite":
+        return Env(tmp_path)
+    server = request.getfixturevalue("pg_server")
+    request.getfixturevalue("monkeypatch").setenv(PGPASS_ENV, server.password)
+    return Env(tmp_path, pg_url=server.new_database())
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

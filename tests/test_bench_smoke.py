@@ -59,6 +59,21 @@ def test_log_smoke_prints_both_commit_modes_and_the_ratio() -> None:
     assert took < LIMIT
 
 
+@pytest.mark.postgres
+def test_log_smoke_on_postgres_prints_one_and_two_nodes(pg_server: Any) -> None:
+    env = {**os.environ, "PGPASSWORD": pg_server.password}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "log"), "--smoke", "--postgres", pg_server.new_database()],
+        capture_output=True, text=True, timeout=LIMIT * 2, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout)
+    assert {"postgres group commit, 1 node", "postgres group commit, 2 nodes"} <= set(rows)
+    assert float(rows["postgres group commit, 2 nodes"][2].replace(",", "")) > 0
+    assert re.search(r"postgres 2 nodes / sqlite group commit = \d+\.\d\dx", proc.stdout)
+    assert time.monotonic() - started < LIMIT
+
+
 @pytest.mark.asterisk
 def test_calls_smoke_prints_a_row_per_mode(pbx: Any) -> None:
     env = dict(os.environ)

@@ -22,23 +22,29 @@ from consentivr.retention import (
     PurgeReport,
     parse_as_of,
     purge_lock,
-    run_purge,
     seqs_of,
 )
-from consentivr.store import PERSONAL_FIELDS, ConsentLog
-from tests.rights_fixtures import DAY, T0, Env, record
+from consentivr.store import PERSONAL_FIELDS
+from tests.rights_fixtures import BACKENDS, DAY, T0, Env, backend_env, record
 
 REC_UNTIL = T0 + 90 * DAY  # a default recording's deadline
 
 
+@pytest.fixture(params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
+    return backend_env(request, tmp_path)
+
+
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
+def sqlite_env(tmp_path: Path) -> Env:
+    """The SQLite file only: its lock file and its bytes (PostgreSQL's purge lock is
+    tested in tests/test_pgstore.py)."""
     return Env(tmp_path)
 
 
 def purge(env: Env, as_of: float, **kw: object) -> PurgeReport:
     opts = PurgeOptions(as_of=as_of, log_retention_days=env.log_days, **kw)  # type: ignore[arg-type]
-    return run_purge(env.db, env.rec, opts)
+    return env.purge(opts)
 
 
 def snapshot(env: Env) -> tuple[list[tuple[object, ...]], dict[str, bytes]]:
@@ -177,7 +183,8 @@ def test_purge_log_records_every_run_and_which_rows(env: Env) -> None:
     assert [tuple(i) for i in items] == [(report.run_id, a, "recording_deleted", "done")]
 
 
-def test_a_held_lock_means_busy(env: Env) -> None:
+def test_a_held_lock_means_busy(sqlite_env: Env) -> None:
+    env = sqlite_env
     env.call(file="a.wav")
     with purge_lock(env.db), pytest.raises(PurgeBusy):
         purge(env, REC_UNTIL)
@@ -287,7 +294,7 @@ def test_a_missing_file_gets_its_row_marked_with_a_warning(env: Env) -> None:
 
 def test_a_recording_that_never_started_is_marked_with_a_clear_warning(env: Env) -> None:
     seq = env.call(file="")
-    log = ConsentLog(env.db, env.key)
+    log = env.open_log()
     log.mark_recording("c1", False, "MixMonitor failed", T0)
     log.close()
     report = purge(env, REC_UNTIL)
@@ -462,7 +469,8 @@ def test_cli_exit_3_when_something_is_left_alone(env: Env, tmp_path: Path) -> No
     assert err.strip().splitlines()[-1] == "Error: 1 item(s) left alone; see above"
 
 
-def test_cli_exit_4_when_another_purge_runs(env: Env) -> None:
+def test_cli_exit_4_when_another_purge_runs(sqlite_env: Env) -> None:
+    env = sqlite_env
     env.call(file="a.wav")
     env.conn().close()
     with purge_lock(env.db):
@@ -483,7 +491,8 @@ def test_cli_bad_input_is_one_line(env: Env, args: list[str], code: int, message
     assert "Traceback" not in err
 
 
-def test_cli_unreadable_database_is_one_line(env: Env) -> None:
+def test_cli_unreadable_database_is_one_line(sqlite_env: Env) -> None:
+    env = sqlite_env
     env.db.parent.mkdir(parents=True, exist_ok=True)
     env.db.write_bytes(b"this is not sqlite" * 100)
     code, _, err = invoke(env)

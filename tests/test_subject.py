@@ -16,17 +16,17 @@ from consentivr.callbacks import DoneStatus, call_history, export_runs, mark_don
 from consentivr.cli import main as cli_main
 from consentivr.cli.rights import callbacks_done, callbacks_export, subject_erase, subject_export
 from consentivr.errors import ConsentivrError
-from consentivr.retention import PurgeOptions, run_purge
-from consentivr.subject import callback_list, erase_subject, export_subject, normalise_number
-from tests.rights_fixtures import DAY, T0, Env, record
+from consentivr.retention import PurgeOptions
+from consentivr.subject import callback_list, export_subject, normalise_number
+from tests.rights_fixtures import BACKENDS, DAY, T0, Env, backend_env, record
 
 ALICE = "+31201234567"
 BOB = "+31209999999"
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Env:
-    env = Env(tmp_path)
+@pytest.fixture(params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
+    env = backend_env(request, tmp_path)
     env.call(file="a1.wav", caller=ALICE, content=b"alice one")  # 1
     env.call(caller=ALICE, callback=True, decided_at=T0 + DAY)  # 2
     env.call(file="b1.wav", caller=BOB, content=b"bob one")  # 3
@@ -67,7 +67,7 @@ def test_export_erase_export_leaves_nothing_personal(env: Env, tmp_path: Path) -
     assert oct((tmp_path / "request-1").stat().st_mode & 0o777) == "0o700"
 
     alice_hash = env.key.pseudonym(ALICE)
-    report = erase_subject(env.db, env.rec, env.key, ALICE)
+    report = env.erase(ALICE)
     assert report.counts["rows_redacted"] == 2 and report.counts["recordings_deleted"] == 1
     assert not (env.rec / "a1.wav").exists()
 
@@ -87,7 +87,7 @@ def test_export_erase_export_leaves_nothing_personal(env: Env, tmp_path: Path) -
 
 
 def test_erase_leaves_a_non_personal_tombstone(env: Env) -> None:
-    report = erase_subject(env.db, env.rec, env.key, ALICE)
+    report = env.erase(ALICE)
     [run] = env.query("SELECT * FROM purge_runs WHERE kind='erase'")
     assert run["id"] == report.run_id and run["rows_redacted"] == 2 and run["status"] == "done"
     items = env.query("SELECT seq, action, path FROM purge_items WHERE run_id=? ORDER BY seq, "
@@ -100,7 +100,7 @@ def test_erase_keeps_a_recording_still_being_written(env: Env) -> None:
     live = env.rec / "live.wav"
     env.add(record(9, caller=ALICE, recording=str(live)))
     live.write_bytes(b"being written")  # mtime: now
-    report = erase_subject(env.db, env.rec, env.key, ALICE)
+    report = env.erase(ALICE)
     assert live.exists() and report.problems
     assert env.row(5)["caller_hash"] is not None  # the live call's row is left whole
     assert env.row(1)["caller_hash"] is None
@@ -171,9 +171,9 @@ def test_a_later_yes_keeps_one_line_per_number(env: Env) -> None:
 
 
 def test_erased_and_purged_callers_are_off_the_list(env: Env) -> None:
-    erase_subject(env.db, env.rec, env.key, BOB)
+    env.erase(BOB)
     assert [c["number"] for c in callbacks(env, T0 + DAY)] == [ALICE]
-    run_purge(env.db, env.rec, PurgeOptions(as_of=T0 + 31 * DAY, log_retention_days=730))
+    env.purge(PurgeOptions(as_of=T0 + 31 * DAY, log_retention_days=730))
     assert env.query("SELECT count(*) FROM calls WHERE caller_number IS NOT NULL")[0][0] == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +151,11 @@ class Settings:
     controller: Contact | None = None  # the art. 30 record (``consentivr report``)
     dpo: Contact | None = None
     callers: CallerSettings = field(default_factory=CallerSettings)
+    # A shared PostgreSQL log (``database: postgresql://...``); then ``database`` is
+    # unused and commands that still need SQLite say so (consentivr.consentlog).
+    database_url: str | None = None
+    database_password: str | None = field(default=None, repr=False)
+    node: str = field(default_factory=socket.gethostname)  # who wrote a row and owns its file
 
     def flow_for(self, name: str | None) -> Flow | None:
         return self.flows.get(name or self.default_flow)
@@ -1109,6 +1115,7 @@ _TOP_KEYS = (
     "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
     "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
     "recovery", "withdrawal", "metrics", "purge", "controller", "dpo", "callers",
+    "database_password", "database_password_env", "database_password_file", "node",
 )
 
 
@@ -1136,8 +1143,11 @@ def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRE
         raise ConfigError(problems.sorted())
     ari = _ari(fields["ari"], "ari" in secrets) if "ari" in fields else None
     ami = _ami(fields["ami"], "ami" in secrets) if "ami" in fields else None
-    database = _path(fields["database"], fields["database"].string() or ".") \
-        if "database" in fields else None
+    database_url, database_password, node = _shared_log(fields, root)
+    database = (_path(fields["database"], fields["database"].string() or ".")
+                if "database" in fields and database_url is None else None)
+    if database_url is not None:
+        database = source.resolve().parent / "postgresql-log-not-a-file"
     recordings = _recordings(fields["recordings"]) if "recordings" in fields else None
     prompts_dir = (_path(fields["prompts_dir"], fields["prompts_dir"].string() or ".")
                    if "prompts_dir" in fields else source.resolve().parent / "prompts")
@@ -1184,7 +1194,44 @@ def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRE
         metrics=metrics, purge=purge or PurgeSettings(),
         controller=contacts.get("controller"), dpo=contacts.get("dpo"),
         callers=callers or CallerSettings(),
+        database_url=database_url, database_password=database_password,
+        node=node or socket.gethostname(),
     )
+
+
+def _shared_log(fields: dict[str, Field], root: Field) -> tuple[str | None, str | None,
+                                                                 str | None]:
+    """``database: postgresql://user@host:port/dbname``, its password and ``node``."""
+    node = None
+    if "node" in fields:
+        node = fields["node"].string()
+        if node is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node):
+            fields["node"].error("a node name is 1-63 letters, digits, '.', '_' or '-'")
+            node = None
+    text = fields["database"].string() if "database" in fields else None
+    if text is None or not text.startswith(("postgresql://", "postgres://")):
+        for key in ("database_password", "database_password_env", "database_password_file"):
+            if key in fields:
+                fields[key].error("only for a PostgreSQL database (database: postgresql://...)")
+        return None, None, node
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  # raises on a bad port
+    except ValueError as exc:
+        fields["database"].error(f"not a PostgreSQL URL: {exc}")
+        return None, None, node
+    if parts.password:
+        fields["database"].error("no password in the URL: use database_password_env or "
+                                 "database_password_file")
+    if not parts.path.strip("/"):
+        fields["database"].error("name the database: postgresql://user@host:port/dbname")
+    if not any(k in fields for k in ("caller_key", "caller_key_env", "caller_key_file")):
+        root.error("a shared PostgreSQL log needs caller_key (or _env, _file): every node "
+                   "must pseudonymise callers with the same key")
+    password = _secret(fields, "database_password", required=False, parent=root)
+    return text, password, node
 
 
 

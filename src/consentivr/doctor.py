@@ -419,7 +419,22 @@ def _prompts(settings: Settings, options: Options) -> list[Check]:
                                  f"{options.asterisk.label}{note}")]
 
 
+def _shared_log(settings: Settings) -> Check:
+    """A shared PostgreSQL log: reachable, and at this consentivr's schema version."""
+    from consentivr.consentlog import open_reader
+    from consentivr.errors import StoreError
+
+    try:
+        open_reader(settings).close()
+    except StoreError as exc:
+        return Check("database (PostgreSQL)", FAIL, str(exc),
+                     "consentivr db status; consentivr db upgrade (docs/multinode.md)")
+    return Check("database (PostgreSQL)", OK, "reachable, schema current")
+
+
 def _files(settings: Settings, options: Options) -> list[Check]:
+    if settings.database_url is not None:  # no local log file (docs/multinode.md)
+        return [_shared_log(settings), _secrets(settings, options)]
     checks = []
     db = settings.database
     key = db.with_name(db.name + ".key")

@@ -357,7 +357,7 @@ class RecordingListener:
 
     def _with_log(self, fn: Callable[[RecordingLog], Any]) -> Any:
         if self._log is None:
-            self._log = RecordingLog(self.settings.database)
+            self._log = RecordingLog.for_settings(self.settings)
         return fn(self._log)
 
     async def _db_call(self, fn: Callable[[RecordingLog], Any]) -> Any:

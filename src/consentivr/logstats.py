@@ -296,6 +296,78 @@ class SqliteLogStats:
             raise StoreError(f"{self.path}: cannot read the consent log: {exc}") from exc
 
 
-def open_stats(database: Path) -> LogStats:
-    """The log's read interface for its backend (SQLite today)."""
+def _pg_where(period: Period) -> tuple[str, tuple[str, ...]]:
+    where, params = period.where()
+    return ("TRUE" if where == "1" else where), params
+
+
+_PG_SECONDS = "extract(epoch FROM ({b}::timestamptz - {a}::timestamptz))"
+
+
+class PostgresLogStats(SqliteLogStats):
+    """:class:`LogStats` on a shared PostgreSQL log: the same queries where the two
+    dialects agree (through :class:`consentivr.pgstore.CompatConnection`), its own
+    where they do not (time arithmetic, booleans, ``by`` is a keyword)."""
+
+    def __init__(self, settings: Any) -> None:
+        from consentivr.consentlog import open_reader
+
+        self.settings = settings
+        self.conn = open_reader(settings)
+        self.path = self.conn.where
+        # The migrations create them all.
+        self._purge_log = self._requests_log = self._callbacks_log = True
+        self._grouped = {}
+
+    def total_calls(self, period: Period) -> int:
+        where, params = _pg_where(period)
+        return int(self._one(f"SELECT count(*) FROM calls WHERE {where}", params)[0])
+
+    def _groups(self, period: Period) -> list[sqlite3.Row]:
+        if period not in self._grouped:
+            where, params = _pg_where(period)
+            self._grouped[period] = self._all(
+                "SELECT flow, substr(decided_at, 1, 10) AS day, decisions, language, "
+                "notice_version, count(*) AS n, min(decided_at) AS first, "
+                f"max(decided_at) AS last FROM calls WHERE {where} "
+                "GROUP BY flow, day, decisions, language, notice_version", params)
+        return self._grouped[period]
+
+    def withdrawals(self, period: Period) -> list[WithdrawalCount]:
+        where, params = _pg_where(period)
+        into = _PG_SECONDS.format(a="started_at", b="withdrawn_at")
+        rows = self._all(
+            "SELECT coalesce(withdrawn_by, 'unknown') AS author, count(*) AS n, "
+            f"percentile_cont(0.5) WITHIN GROUP (ORDER BY {into}) AS median "
+            f"FROM calls WHERE withdrawn_at IS NOT NULL AND {where} "
+            "GROUP BY author ORDER BY author", params)
+        return [WithdrawalCount(r["author"], int(r["n"]), float(r["median"])) for r in rows]
+
+    def recordings(self, period: Period) -> RecordingTotals:
+        where, params = _pg_where(period)
+        span = _PG_SECONDS.format(a="recording_started_at", b="recording_stopped_at")
+        row = self._one(
+            f"SELECT count(*), coalesce(sum({span}), 0), "
+            "count(*) FILTER (WHERE recording_started_at IS NULL "
+            "OR recording_stopped_at IS NULL) "
+            f"FROM calls WHERE recording_confirmed = 1 AND {where}", params)
+        return RecordingTotals(int(row[0]), float(row[1] or 0.0), int(row[2] or 0))
+
+    def verify(self) -> ChainReport:
+        """On its own session: the report runs it in a second thread."""
+        from consentivr.audit import verify_chain
+        from consentivr.consentlog import open_reader
+
+        conn = open_reader(self.settings)
+        try:
+            return verify_chain(conn)
+        finally:
+            conn.close()
+
+
+def open_stats(database: Path, settings: Any = None) -> LogStats:
+    """The log's read interface for its backend: the SQLite file, or with the
+    settings of a shared log, PostgreSQL."""
+    if settings is not None and settings.database_url is not None:
+        return PostgresLogStats(settings)
     return SqliteLogStats(database)

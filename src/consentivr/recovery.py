@@ -105,6 +105,31 @@ def flow_name_from_app_data(app_data: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] else None
 
 
+def lookup_for(settings: Any) -> Lookup:
+    """:func:`lookup_in` on the configured backend: the SQLite file, or a shared
+    PostgreSQL log (read through :func:`consentivr.consentlog.open_reader`)."""
+    if settings.database_url is None:
+        return lookup_in(settings.database)
+    from consentivr.consentlog import open_reader
+
+    def query(uniqueid: str) -> LoggedCall | None:
+        conn = open_reader(settings)
+        try:
+            row = conn.execute(_NEWEST_ROW, (uniqueid,)).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else _logged_call(tuple(row))
+
+    async def lookup(uniqueid: str) -> LoggedCall | None:
+        return await asyncio.to_thread(query, uniqueid)
+
+    return lookup
+
+
+_NEWEST_ROW = ("SELECT call_id, flow, language, decisions, recording_path, "
+               "recording_confirmed FROM calls WHERE uniqueid = ? ORDER BY seq DESC LIMIT 1")
+
+
 def lookup_in(database: Path) -> Lookup:
     """A lookup of the newest committed row for a uniqueid, read-only, off the event loop."""
 
@@ -116,32 +141,30 @@ def lookup_in(database: Path) -> Lookup:
         except sqlite3.Error as exc:
             raise StoreError(f"{database}: cannot read the consent log: {exc}") from exc
         try:
-            row = conn.execute(
-                "SELECT call_id, flow, language, decisions, recording_path, "
-                "recording_confirmed FROM calls WHERE uniqueid = ? ORDER BY seq DESC LIMIT 1",
-                (uniqueid,),
-            ).fetchone()
+            row = conn.execute(_NEWEST_ROW, (uniqueid,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"{database}: cannot read the consent log: {exc}") from exc
         finally:
             conn.close()
-        if row is None:
-            return None
-        call_id, flow, language, decisions, path, confirmed = row
-        try:
-            parsed = json.loads(decisions)
-        except ValueError:
-            parsed = {}
-        return LoggedCall(
-            call_id=str(call_id), flow=str(flow), language=str(language),
-            decisions={str(k): str(v) for k, v in dict(parsed).items()},
-            recording_path=path, recording_confirmed=None if confirmed is None else bool(confirmed),
-        )
+        return None if row is None else _logged_call(tuple(row))
 
     async def lookup(uniqueid: str) -> LoggedCall | None:
         return await asyncio.to_thread(query, uniqueid)
 
     return lookup
+
+
+def _logged_call(row: tuple[Any, ...]) -> LoggedCall:
+    call_id, flow, language, decisions, path, confirmed = row
+    try:
+        parsed = json.loads(decisions)
+    except ValueError:
+        parsed = {}
+    return LoggedCall(
+        call_id=str(call_id), flow=str(flow), language=str(language),
+        decisions={str(k): str(v) for k, v in dict(parsed).items()},
+        recording_path=path, recording_confirmed=None if confirmed is None else bool(confirmed),
+    )
 
 
 def _started_at(channel: Mapping[str, Any], fallback: float) -> float:

@@ -419,8 +419,14 @@ class Purger:
     """Runs purges and erasures against one consent log and recordings dir."""
 
     def __init__(self, conn: sqlite3.Connection, recordings: RecordingsDir,
-                 clock: Callable[[], float] = time.time, allow_missing: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, allow_missing: bool = False,
+                 node: str | None = None, reader: Callable[[], Any] | None = None) -> None:
         self.conn = conn
+        # A shared (PostgreSQL) log: this node's name. Recordings are deleted only for
+        # rows this node wrote (the files are on its disk); another node's row keeps
+        # its personal fields until that node has purged its recording.
+        self.node = node
+        self._reader = reader
         self.rec = recordings
         self.clock = clock  # wall clock: the in-progress and orphan graces use it
         self.allow_missing = allow_missing
@@ -434,11 +440,18 @@ class Purger:
 
     def start_run(self, kind: str, as_of: float, dry_run: bool) -> int:
         with self._tx():
-            cur = self.conn.execute(
-                "INSERT INTO purge_runs (kind, started_at, as_of, dry_run, status) "
-                "VALUES (?, ?, ?, ?, 'running')",
-                (kind, iso(self.clock()), iso(as_of), int(dry_run)),
-            )
+            if self.node is None:
+                cur = self.conn.execute(
+                    "INSERT INTO purge_runs (kind, started_at, as_of, dry_run, status) "
+                    "VALUES (?, ?, ?, ?, 'running')",
+                    (kind, iso(self.clock()), iso(as_of), int(dry_run)),
+                )
+            else:
+                cur = self.conn.execute(
+                    "INSERT INTO purge_runs (kind, started_at, as_of, dry_run, status, node) "
+                    "VALUES (?, ?, ?, ?, 'running', ?)",
+                    (kind, iso(self.clock()), iso(as_of), int(dry_run), self.node),
+                )
         assert cur.lastrowid is not None
         return cur.lastrowid
 
@@ -470,10 +483,13 @@ class Purger:
 
     def recover(self, report: PurgeReport) -> None:
         """Settle the pending items a killed run left; count each in its own run."""
+        # Another node's pending items name files on its disk: it settles them.
+        own = "" if self.node is None else \
+            " AND i.run_id IN (SELECT id FROM purge_runs WHERE node = ?)"
         pending = self.conn.execute(
             "SELECT i.id, i.run_id, i.seq, i.action, i.path, c.recording_path "
             "FROM purge_items i LEFT JOIN calls c ON c.seq = i.seq "
-            "WHERE i.state = 'pending'"
+            "WHERE i.state = 'pending'" + own, () if self.node is None else (self.node,)
         ).fetchall()
         if not pending:
             self._close_dead_runs()
@@ -529,12 +545,15 @@ class Purger:
         Pages start small and double up to ``batch``: the first unlinks begin at once.
         """
         sql, key = query
+        mine: tuple[str, ...] = ()
+        if self.node is not None and query in _OWN_FILES:
+            sql, mine = sql + _OWN_FILES[query], (self.node,)
         last: tuple[str, int] = ("", 0)
         size = min(batch, 250)
         while True:
             rows = self.conn.execute(
                 f"{sql} AND {key} <= ? AND ({key}, seq) > (?, ?) ORDER BY {key}, seq LIMIT ?",
-                (bound, *last, size)).fetchall()
+                (*mine, bound, *last, size)).fetchall()
             if not rows:
                 return
             last = (rows[-1][key], rows[-1]["seq"])
@@ -779,7 +798,8 @@ class Purger:
         """
         known: set[str] = set()  # ~100 bytes a live recording
         call_ids: set[str] = set()
-        conn = sqlite3.connect(f"{self._db_file()}?mode=ro", uri=True)
+        conn = (self._reader() if self._reader is not None
+                else sqlite3.connect(f"{self._db_file()}?mode=ro", uri=True))
         try:
             for path, call_id in conn.execute(
                 "SELECT recording_path, call_id FROM calls INDEXED BY calls_recording_until "
@@ -865,6 +885,20 @@ class Purger:
                 (len(done), report.run_id))
         report.counts["orphans_deleted"] += len(done)
 
+    def _finish_erasures(self, report: PurgeReport, opts: PurgeOptions) -> None:
+        """Shared log: erasures asked for on another node, of rows whose recording
+        is on this one. The file goes now, then the row is erased."""
+        rows = self.conn.execute(
+            "SELECT seq, recording_path, recording_confirmed, recording_purged_at FROM calls "
+            "WHERE node = ? AND erase_requested_at IS NOT NULL AND redacted_at IS NULL "
+            "ORDER BY seq", (self.node,)).fetchall()
+        with_file = [r for r in rows if r["recording_path"] is not None
+                     and r["recording_purged_at"] is None]
+        freed = set(self.purge_recordings(with_file, report, opts.dry_run, opts.grace))
+        kept = {r["seq"] for r in with_file} - freed
+        self.redact([r["seq"] for r in rows if r["seq"] not in kept], report, opts.dry_run,
+                    action="erased")
+
     # -- the whole purge -----------------------------------------------------------
 
     def purge(self, opts: PurgeOptions, progress: Progress | None = None) -> PurgeReport:
@@ -883,6 +917,8 @@ class Purger:
                progress: Progress | None) -> None:
         if not opts.dry_run:
             self.recover(report)
+        if self.node is not None:
+            self._finish_erasures(report, opts)
         (recordings, as_of), (redactions, cutoff), (callers, _) = _bounds(opts)
         tick = progress or (lambda n: None)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orphans") as pool:
@@ -954,6 +990,16 @@ _DUE_CALLERS = (
 )
 
 
+# On a shared log, the clause that keeps a node to the recordings on its own disk:
+# it deletes only its rows' files, and redacts another node's row only once that
+# node has purged the row's recording (or there was none).
+_OWN_FILES = {
+    _DUE_RECORDINGS: " AND node = ?",
+    _DUE_REDACTIONS: " AND (node = ? OR recording_path IS NULL "
+                     "OR recording_purged_at IS NOT NULL)",
+}
+
+
 def _bounds(opts: PurgeOptions) -> list[tuple[tuple[str, str], str]]:
     as_of = iso(opts.as_of)
     cutoff = iso(opts.as_of - opts.log_retention_days * DAY)
@@ -989,23 +1035,60 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 def run_purge(database: Path, recordings_dir: Path, opts: PurgeOptions,
               progress: Progress | None = None, previous_dirs: Sequence[str] = (),
-              allow_missing: bool = False) -> PurgeReport:
+              allow_missing: bool = False, shared: Any = None) -> PurgeReport:
     """Take the lock, open the log and the recordings dir, and purge.
 
+    ``shared``: the settings of a node on a shared PostgreSQL log; the run then
+    holds the log's purge lock across all nodes too, and purges this node's files.
     Raises :class:`RecordingsUnavailable` (nothing marked) when the dir cannot be
     opened or looks unmounted, unless ``allow_missing``.
     """
-    with purge_lock(database):
+    with local_lock(shared, database), shared_log(shared, database) as (conn, node, reader), \
+            RecordingsDir(recordings_dir, previous_dirs) as rec:
+        purger = Purger(conn, rec, allow_missing=allow_missing, node=node, reader=reader)
+        try:
+            return purger.purge(opts, progress)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{database}: purge failed: {exc}") from exc
+
+
+def local_lock(settings: Any, database: Path,
+               wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+    """The lock file next to a SQLite log; a shared log's lock is in the server."""
+    if settings is None or settings.database_url is None:
+        return purge_lock(database, wait)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def shared_log(settings: Any, database: Path,
+               wait: float = 0.0) -> Iterator[tuple[Any, str | None, Callable[[], Any] | None]]:
+    """(connection, node, reader factory) for a purge or erasure: the SQLite file, or
+    on a shared PostgreSQL log a session holding the log's purge lock, so that one
+    run at a time redacts rows, whichever node it runs on."""
+    if settings is None or settings.database_url is None:
         conn = open_log(database)
         try:
-            with RecordingsDir(recordings_dir, previous_dirs) as rec:
-                purger = Purger(conn, rec, allow_missing=allow_missing)
-                try:
-                    return purger.purge(opts, progress)
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{database}: purge failed: {exc}") from exc
+            yield conn, None, None
         finally:
             conn.close()
+        return
+    from consentivr.consentlog import open_reader
+    from consentivr.pgstore import REDACTION_LOCK
+
+    # No reconnect: a new session would not hold the lock.
+    conn = open_reader(settings, reconnect=False, create=True)
+    try:
+        deadline = time.monotonic() + wait
+        while not conn.execute("SELECT pg_try_advisory_lock(?)",
+                               (REDACTION_LOCK,)).fetchone()[0]:
+            if time.monotonic() >= deadline:
+                raise PurgeBusy(f"{conn.where}: another purge or erasure is running "
+                                "(on some node)")
+            time.sleep(0.1)
+        yield conn, settings.node, lambda: open_reader(settings)
+    finally:
+        conn.close()  # ends the session: the lock goes with it
 
 
 def purge_runs(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,19 @@ from consentivr.agi.server import AgiServer
 from consentivr.ami import AmiPool, Recorder
 from consentivr.ari import AriClient
 from consentivr.config import Settings
+from consentivr.consentlog import caller_key_for, open_consent_log
 from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
 from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
 from consentivr.ownership import prepare_recordings_dir
-from consentivr.recovery import lookup_in
+from consentivr.recovery import lookup_for
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
     CallerKey,
     ConsentLog,
     GroupCommitter,
     database_is_world_readable,
-    load_or_create_key,
 )
 from consentivr.withdrawalpath import RecordingGate
 
@@ -73,16 +74,18 @@ class LazyLog:
     Used only from the committer's writer thread.
     """
 
-    def __init__(self, path: Path, key: CallerKey) -> None:
+    def __init__(self, path: Path, key: CallerKey,
+                 opener: Callable[[], Any] | None = None) -> None:
         self.path = path
         self.key = key
+        self._opener = opener or (lambda: ConsentLog(path, key))
         self._log: ConsentLog | None = None
         self._lock = threading.Lock()
 
     def open(self) -> ConsentLog:
         with self._lock:
             if self._log is None:
-                self._log = ConsentLog(self.path, self.key)
+                self._log = self._opener()
             return self._log
 
     def __getattr__(self, name: str) -> Any:
@@ -97,7 +100,7 @@ class LazyLog:
 
 def secrets_of(settings: Settings, key: CallerKey | None = None) -> list[str | bytes | None]:
     """Everything that must never appear in a log line."""
-    found: list[str | bytes | None] = [settings.caller_key]
+    found: list[str | bytes | None] = [settings.caller_key, settings.database_password]
     ari = settings.ari
     if ari is not None:
         found += [ari.password, redaction.basic_auth_token(ari.username, ari.password)]
@@ -141,10 +144,10 @@ class Service:
         metrics = self.ops.metrics
         await self.ops.start()  # a taken metrics port is an error before anything runs
         prepare_paths(settings)
-        key = load_or_create_key(settings.database, settings.caller_key,
-                                 settings.callers.default_region)
-        redaction.install([key.key])
-        lazy = LazyLog(settings.database, key)
+        key = caller_key_for(settings)
+        redaction.install([key.key, settings.database_password])
+        # SQLite file or shared PostgreSQL log (consentivr.consentlog).
+        lazy = LazyLog(settings.database, key, lambda: open_consent_log(settings, key))
         try:
             lazy.open()
             metrics.component_up("log", True)
@@ -180,7 +183,7 @@ class Service:
             recorder = Recorder(self.pool)
         self.ari = AriClient(settings.ari)
         self.app = StasisApp(settings, self.ari, recorder, writer,
-                             lookup=lookup_in(settings.database), observer=metrics, gate=gate)
+                             lookup=lookup_for(settings), observer=metrics, gate=gate)
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(self.app))
         if wait_connected:
             await asyncio.wait_for(self.connected.wait(), wait_connected)

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
@@ -43,6 +43,10 @@ from consentivr.paths import (
     check_parents,
     make_private_dir,
 )
+from consentivr.schemaversion import SQLITE, check_version
+
+if TYPE_CHECKING:
+    from consentivr.consentlog import ConsentLogBackend
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -126,6 +130,10 @@ def personal_digest(row: Mapping[str, Any], salt: str) -> str:
 
 def chain_hash(prev_hash: str, row: Mapping[str, Any], digest: str) -> str:
     proof = {k: row.get(k) for k in PROOF_FIELDS}
+    if row.get("node") is not None:
+        # A shared (PostgreSQL) log binds the node that wrote the row into the chain;
+        # single-node SQLite rows have no node, so their hashes are unchanged.
+        proof["node"] = row["node"]
     return hashlib.sha256(prev_hash.encode() + canonical(proof) + digest.encode()).hexdigest()
 
 
@@ -185,8 +193,17 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        fresh = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name='calls'").fetchone()[0] == 0
         conn.executescript(_SCHEMA)
     except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
+    try:
+        check_version(SQLITE, conn, str(path), fresh=fresh)
+    except (StoreError, sqlite3.Error) as exc:
+        conn.close()
+        if isinstance(exc, StoreError):
+            raise
         raise StoreError(f"{path}: cannot open the consent log: {exc}") from exc
     return conn
 
@@ -239,6 +256,14 @@ class ConsentLog:
 
     def close(self) -> None:
         self.conn.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def savepoint(self) -> contextlib.AbstractContextManager[None]:
+        """A nested transaction: a failure undoes only what ran inside it."""
+        return _savepoint(self.conn)
 
     # -- writing ----------------------------------------------------------
 
@@ -449,7 +474,7 @@ class GroupCommitter:
             log.close()
 
     @staticmethod
-    def _write(log: ConsentLog, batch: list[tuple[str, Any, Future[None]]]) -> None:
+    def _write(log: ConsentLogBackend, batch: list[tuple[str, Any, Future[None]]]) -> None:
         """The whole batch in one transaction: one fsync however many calls wrote.
 
         Appends go first, chained in order, then the updates. Each runs in its own
@@ -478,13 +503,13 @@ class GroupCommitter:
                     while pending:
                         write, futures = pending.popleft()
                         try:
-                            with _savepoint(log.conn):
+                            with log.savepoint():
                                 write()
                         except Exception:
                             retry.append((write, futures))
                             continue
                         done.extend(futures)
-                        if not log.conn.in_transaction:
+                        if not log.in_transaction:
                             break  # that write committed on its own: what is done is durable
             except BaseException as exc:  # the commit failed: none of these is durable
                 error: BaseException = exc
@@ -521,7 +546,7 @@ def _settle(fut: Future[None], error: BaseException | None = None) -> None:
         fut.set_exception(error)
 
 
-def _apply(log: ConsentLog, kind: str, payload: Any) -> object:
+def _apply(log: ConsentLogBackend, kind: str, payload: Any) -> object:
     """One queued write: the log's method named ``kind``, called with ``payload``."""
     return getattr(log, kind)(*payload)
 

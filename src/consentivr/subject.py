@@ -29,8 +29,8 @@ from consentivr.retention import (
     RecordingsDir,
     RecordingsUnavailable,
     UnsafePath,
-    open_log,
-    purge_lock,
+    local_lock,
+    shared_log,
 )
 from consentivr.store import CallerKey, iso, public_row
 from consentivr.text import one_line
@@ -193,8 +193,8 @@ def erase_plan(conn: sqlite3.Connection, key: CallerKey, number: str) -> ErasePl
 
 def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: str,
                   grace: float = DEFAULT_GRACE, lock_wait: float = 30.0,
-                  previous_dirs: Sequence[str] = (), allow_missing: bool = False
-                  ) -> PurgeReport:
+                  previous_dirs: Sequence[str] = (), allow_missing: bool = False,
+                  shared: Any = None) -> PurgeReport:
     """Delete the number's recordings and redact its rows, in one erase run.
 
     The purge log keeps a tombstone: an ``erase`` run with the row numbers it
@@ -202,18 +202,25 @@ def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: 
     written (a call in progress) is left, with its row, and reported as a problem.
     A recordings dir that cannot be opened, or looks unmounted, stops the erasure
     before anything is changed (:class:`RecordingsUnavailable`).
+
+    ``shared``: a node's settings on a shared PostgreSQL log. The rows of every
+    node are erased; this node deletes its own recordings now, and the report
+    names the ones on other nodes, which their next purge deletes.
     """
-    with purge_lock(database, wait=lock_wait):
-        conn = open_log(database)
+    with local_lock(shared, database, wait=lock_wait), \
+            shared_log(shared, database, wait=lock_wait) as (conn, node, reader):
         try:
             with RecordingsDir(recordings_dir, previous_dirs) as rec:
-                purger = Purger(conn, rec, allow_missing=allow_missing)
+                purger = Purger(conn, rec, allow_missing=allow_missing, node=node,
+                                reader=reader)
                 now = time.time()
                 report = PurgeReport(run_id=None, as_of=now, dry_run=False)
                 report.run_id = purger._current_run = purger.start_run("erase", now, False)
                 rows = subject_rows(conn, key, number)
                 with_file = [r for r in rows if r["recording_path"] is not None
                              and r["recording_purged_at"] is None]
+                elsewhere = [r for r in with_file if node is not None and r["node"] != node]
+                with_file = [r for r in with_file if r not in elsewhere]
                 try:
                     if with_file:
                         rec.need_root()
@@ -224,6 +231,15 @@ def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: 
                     purger.finish_run(report, status="refused")
                     raise
                 kept = {r["seq"] for r in with_file} - freed
+                if elsewhere:
+                    # Their rows are erased now except for the path, which the owning
+                    # node's next purge needs to find the file.
+                    _erase_keeping_path(conn, [r["seq"] for r in elsewhere], report)
+                    by_node = sorted({r["node"] for r in elsewhere})
+                    report.warnings.append(
+                        f"{len(elsewhere)} recording(s) are on other node(s) "
+                        f"({', '.join(by_node)}): each is deleted by that node's next purge")
+                    kept |= {r["seq"] for r in elsewhere}
                 if report.counts["in_progress"]:
                     report.problems.append(
                         f"{report.counts['in_progress']} recording(s) still being written: "
@@ -234,8 +250,15 @@ def erase_subject(database: Path, recordings_dir: Path, key: CallerKey, number: 
                 return report
         except sqlite3.Error as exc:
             raise StoreError(f"{database}: erasure failed: {exc}") from exc
-        finally:
-            conn.close()
+
+
+def _erase_keeping_path(conn: Any, seqs: list[int], report: PurgeReport) -> None:
+    """Rows whose recording is on another node: that node's next purge deletes the
+    file and then erases the row (``erase_requested_at``; not part of the chain)."""
+    with conn:
+        conn.executemany("UPDATE calls SET erase_requested_at=? WHERE seq=? "
+                         "AND erase_requested_at IS NULL",
+                         [(iso(report.as_of), s) for s in seqs])
 
 
 # --- the callback list ------------------------------------------------------------------

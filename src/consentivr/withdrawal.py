@@ -22,11 +22,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consentivr.errors import AmiError, ConsentivrError, StoreError
 from consentivr.retention import RecordingsDir, RecordingsUnavailable, UnsafePath
 from consentivr.store import iso, open_database, parse_iso
+
+if TYPE_CHECKING:
+    from consentivr.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +83,19 @@ class RecordingLog:
     Short transactions on its own connection (WAL: the service's writer keeps going).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, conn: Any = None) -> None:
         self.path = path
-        self.conn = open_database(path)
+        self.conn = conn if conn is not None else open_database(path)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> RecordingLog:
+        """On the configured backend (a shared PostgreSQL log too)."""
+        if settings.database_url is None:
+            return cls(settings.database)
+        from consentivr.consentlog import open_reader
+
+        conn = open_reader(settings)
+        return cls(conn.where, conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -249,10 +262,10 @@ async def stop_recording(settings: Any, call_id: str, by: str = "agent",
     """
     from consentivr.ami import AmiPool
 
-    if not settings.database.exists():
+    if settings.database_url is None and not settings.database.exists():
         raise WithdrawalError(f"no call with id {call_id!r}: {settings.database} does not "
                               "exist yet")
-    with RecordingLog(settings.database) as log_:
+    with RecordingLog.for_settings(settings) as log_:
         row = await asyncio.to_thread(log_.find, call_id)
     if row is None:
         raise WithdrawalError(f"no call with id {call_id!r} in {settings.database}")
@@ -274,7 +287,7 @@ async def stop_recording(settings: Any, call_id: str, by: str = "agent",
     elif recorded:
         stopped = "ended"  # by key, an earlier stop, or the hang-up
     at = clock()
-    with RecordingLog(settings.database) as log_:
+    with RecordingLog.for_settings(settings) as log_:
         result = await asyncio.to_thread(
             apply_withdrawal, log_, settings.recordings.dir, row["call_id"], by, at,
             settings.withdrawal.on_withdraw, settings.recordings.previous_dirs)

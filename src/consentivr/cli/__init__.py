@@ -164,8 +164,12 @@ def calls() -> None:
 
 
 def _open_log(settings: Settings) -> Any:
+    from consentivr.consentlog import open_consent_log
     from consentivr.store import ConsentLog, load_or_create_key
 
+    if settings.database_url is not None:  # a shared PostgreSQL log
+        with friendly_errors():
+            return open_consent_log(settings)
     if not settings.database.exists():
         raise click.ClickException(f"{settings.database}: no consent log yet (no calls so far)")
     with friendly_errors():
@@ -228,7 +232,8 @@ def calls_show(config_path: str, call_id: str) -> None:
     from consentivr.callbacks import call_history
 
     # The survey team's side: the export runs that listed it, and "callbacks done".
-    row["callbacks"] = call_history(log.conn, row["call_id"])
+    reader = log.reader() if hasattr(log, "reader") else log.conn  # a shared log: its session
+    row["callbacks"] = call_history(reader, row["call_id"])
     click.echo(json.dumps(_brief(row, full=True), indent=2, sort_keys=True))
 
 
@@ -272,6 +277,10 @@ def _register() -> None:
 
     for command in install.COMMANDS:
         main.add_command(command)
+
+    from consentivr.cli import db
+
+    main.add_command(db.db)
 
 
 _register()

@@ -55,7 +55,7 @@ def report_command(config_path: str, start: str | None, end: str | None, lang: s
         period = period_of(start, end)
         if out is not None:
             check_out_path(out)
-        stats = open_stats(settings.database)
+        stats = open_stats(settings.database, settings)
         try:
             report = gather(stats, settings, period, now=time.time(), verify=not no_verify)
         finally:

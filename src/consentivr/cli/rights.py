@@ -35,6 +35,7 @@ from consentivr.audit import count_rows, verify_chain
 from consentivr.callbacks import DoneStatus, mark_done, record_export, staff_name
 from consentivr.cli import config_option, friendly_errors, settings_from
 from consentivr.config import Settings
+from consentivr.consentlog import caller_key_for, open_log_for, open_reader
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.purgemetrics import recorded_purge
 from consentivr.retention import (
@@ -45,12 +46,11 @@ from consentivr.retention import (
     PurgeOptions,
     PurgeReport,
     count_due,
-    open_log,
     parse_as_of,
     run_purge,
     show_path,
 )
-from consentivr.store import CallerKey, load_or_create_key
+from consentivr.store import CallerKey
 from consentivr.subject import (
     callback_list,
     erase_plan,
@@ -132,8 +132,13 @@ def _progress(total: int | None, label: str, quiet: bool) -> Iterator[Callable[[
 
 def _key(settings: Settings) -> CallerKey:
     with _errors():
-        return load_or_create_key(settings.database, settings.caller_key,
-                                  settings.callers.default_region)
+        return caller_key_for(settings)
+
+
+def _shared(settings: Settings) -> Settings | None:
+    """The settings when the log is a shared PostgreSQL one (the rights library's
+    ``shared`` argument), else None."""
+    return settings if settings.database_url is not None else None
 
 
 def _echo_list(lines: list[str], prefix: str) -> None:
@@ -202,7 +207,7 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
         with _progress(bar_total, "purging", quiet=not interactive) as tick:
             report = run_purge(settings.database, settings.recordings.dir, opts,
                                progress=tick, previous_dirs=settings.recordings.previous_dirs,
-                               allow_missing=allow_missing)
+                               allow_missing=allow_missing, shared=_shared(settings))
         done(report)  # the node_exporter textfile (purge.metrics_file), if configured
     if as_json:
         # ASCII escapes: a file name that is not UTF-8 must not crash a strict locale.
@@ -214,7 +219,7 @@ def purge_command(config_path: str, dry_run: bool, as_json: bool, as_of: float |
 
 
 def _count_due(settings: Settings, opts: PurgeOptions) -> int:
-    conn = open_log(settings.database)
+    conn = open_log_for(settings)
     try:
         return count_due(conn, opts)
     finally:
@@ -257,18 +262,6 @@ def _print_purge(report: PurgeReport) -> None:
 # --- verify ----------------------------------------------------------------------
 
 
-def _read_only(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise StoreError(f"{path}: no consent log here")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
-        conn.execute("SELECT 1 FROM calls LIMIT 1")
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
-    return conn
-
-
 @click.command("verify")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -289,7 +282,7 @@ def verify_command(config_path: str, as_json: bool) -> None:
     """
     settings = settings_from(config_path)
     with _errors():
-        conn = _read_only(settings.database)
+        conn = open_reader(settings)  # SQLite file or shared PostgreSQL log
         try:
             interactive = sys.stderr.isatty() and not as_json
             total = count_rows(conn) if interactive else None
@@ -344,7 +337,7 @@ def subject_export(config_path: str, number: str, out: Path | None) -> None:
     key = _key(settings)
     with _errors():
         number = normalise_number(number)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             export = export_subject(conn, settings.recordings.dir, key, number, out,
                                     settings.recordings.previous_dirs)
@@ -389,7 +382,7 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
     key = _key(settings)
     with _errors():
         number = normalise_number(number)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             plan = erase_plan(conn, key, number)
         finally:
@@ -403,7 +396,7 @@ def subject_erase(config_path: str, number: str, assume_yes: bool, as_json: bool
     with _errors():
         report = erase_subject(settings.database, settings.recordings.dir, key, number,
                                previous_dirs=settings.recordings.previous_dirs,
-                               allow_missing=allow_missing)
+                               allow_missing=allow_missing, shared=_shared(settings))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -461,7 +454,7 @@ def callbacks_export(config_path: str, by: str, fmt: str, as_of: float | None) -
     when = _as_of(as_of)
     with _errors():
         by = staff_name(by)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             rows = callback_list(conn, settings.flows, when, settings.callers.default_region)
             record_export(conn, rows, by, time.time(), when)
@@ -533,7 +526,7 @@ def callbacks_done(config_path: str, call_ids: tuple[str, ...], from_file: str |
     settings = settings_from(config_path)
     with _errors():
         by = staff_name(by)
-        conn = open_log(settings.database)
+        conn = open_log_for(settings)
         try:
             results = mark_done(conn, dict.fromkeys(ids), by, time.time())
         finally:
