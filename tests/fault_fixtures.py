@@ -29,6 +29,7 @@ from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
 from consentivr.pbx import PbxEndpoints
 from consentivr.service import Service
+from consentivr.store import ConsentLog, load_or_create_key
 from consentivr.testbed import flow_yaml, write_config
 
 SECRETS = ("ari-Pa55word-xyz", "ami-Pa55word-xyz")
@@ -123,6 +124,19 @@ class TcpProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+def committed_yes(bed: Any, channel_id: str) -> str:
+    """A committed yes-to-recording row for this channel, as if a process that has just
+    died wrote it; returns its call id."""
+    call_id = uuid.uuid4().hex
+    log = ConsentLog(bed.settings.database, load_or_create_key(bed.settings.database, None))
+    try:
+        log.append(record(call_id, channel_id=channel_id, recording=True,
+                          directory=str(bed.recordings_dir)))
+    finally:
+        log.close()
+    return call_id
 
 
 async def crash(service: Service) -> None:

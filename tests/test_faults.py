@@ -56,6 +56,7 @@ from tests.fault_fixtures import (
     FakeCommitter,
     FakeRecorder,
     TcpProxy,
+    committed_yes,
     crash,
     fill_up,
     hold_lock_in_thread,
@@ -880,17 +881,6 @@ async def _not_in(bed: Testbed, channel_id: str) -> bool:
     return channel_id not in await in_app(bed)
 
 
-def _yes_row(bed: Testbed, channel_id: str) -> str:
-    call_id = uuid.uuid4().hex
-    log = ConsentLog(bed.settings.database, load_or_create_key(bed.settings.database, None))
-    try:
-        log.append(record(call_id, channel_id=channel_id, recording=True,
-                          directory=str(bed.recordings_dir)))
-    finally:
-        log.close()
-    return call_id
-
-
 @pbx_tests
 def test_crash_after_a_committed_yes_recording_starts_on_recovery(
     bed_factory: Callable[..., Testbed],
@@ -904,7 +894,7 @@ def test_crash_after_a_committed_yes_recording_starts_on_recovery(
         await crash(bed.service)
         bed.service = None
         # As if the crashed process had committed a yes just before dying.
-        call_id = _yes_row(bed, call.stasis_id)
+        call_id = committed_yes(bed, call.stasis_id)
         await bed.start_service()
         seen = await bed.reached_destination(call_id, 10)
         await bed.channel_gone(call.stasis_id)

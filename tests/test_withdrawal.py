@@ -13,7 +13,6 @@ import array
 import asyncio
 import json
 import sqlite3
-import uuid
 import wave
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from consentivr.features import (
 )
 from consentivr.flow import Phase
 from consentivr.listener import RecordingListener
-from consentivr.store import ConsentLog, iso, load_or_create_key, open_database, parse_iso
+from consentivr.store import iso, open_database, parse_iso
 from consentivr.testbed import LocalCall, Testbed, flow_yaml
 from consentivr.tracker import (
     Mute,
@@ -45,7 +44,7 @@ from consentivr.tracker import (
     Withdrawn,
 )
 from consentivr.withdrawal import RecordingLog, Withdrawal, WithdrawalError, apply_withdrawal
-from tests.fault_fixtures import crash, record
+from tests.fault_fixtures import committed_yes, crash
 
 WAV_HEADER = 44
 BYTES_PER_SECOND = 16000  # MixMonitor's .wav: 8 kHz, 16 bit, mono
@@ -876,7 +875,7 @@ def test_a_call_taken_back_after_a_restart_keeps_its_withdrawal_key(
         await crash(bed.service)
         bed.service = None
         # As if the dead process had committed a yes just before it died.
-        call_id = _committed_yes(bed, call.stasis_id)
+        call_id = committed_yes(bed, call.stasis_id)
         await bed.start_service()  # recovery: starts the recording, continues the call
         assert bed.service is not None and bed.service.recording_listener is not None
         listener = bed.service.recording_listener
@@ -893,14 +892,3 @@ def test_a_call_taken_back_after_a_restart_keeps_its_withdrawal_key(
     [r] = rows(bed)
     assert (r["call_id"], r["withdrawn_by"], r["recording_confirmed"]) == (call_id, "caller", 1)
     assert not (bed.recordings_dir / f"{call_id}.wav").exists()
-
-
-def _committed_yes(bed: Testbed, channel_id: str) -> str:
-    call_id = uuid.uuid4().hex
-    log = ConsentLog(bed.settings.database, load_or_create_key(bed.settings.database, None))
-    try:
-        log.append(record(call_id, channel_id=channel_id, recording=True,
-                          directory=str(bed.recordings_dir)))
-    finally:
-        log.close()
-    return call_id

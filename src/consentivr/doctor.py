@@ -50,7 +50,7 @@ from consentivr.prompts import (
     tool_versions,
     up_to_date,
 )
-from consentivr.withdrawalpath import PROBE_EVENT, check_withdrawal_path
+from consentivr.withdrawalpath import UserEventProbe, check_withdrawal_path
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 FIX_SNIPPETS = ("consentivr asterisk-config --config {config} --out /etc/asterisk, then "
@@ -149,7 +149,7 @@ class _Ami:
         assert settings.ami is not None
         self.settings = settings.ami
         self._manager: Manager | None = None
-        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._probe = UserEventProbe()
 
     async def login(self, timeout: float = 5.0) -> None:
         ami = self.settings
@@ -190,22 +190,10 @@ class _Ami:
         return response
 
     async def probe(self, token: str, timeout: float = 3.0) -> bool:
-        waiter = asyncio.get_running_loop().create_future()
-        self._probes[token] = waiter
-        try:
-            await self.action({"Action": "UserEvent", "UserEvent": PROBE_EVENT, "Token": token})
-            await asyncio.wait_for(waiter, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._probes.pop(token, None)
+        return await self._probe.probe(self.action, token, timeout)
 
     def _on_user_event(self, _m: Manager, message: Mapping[str, Any]) -> None:
-        if message.get("UserEvent") == PROBE_EVENT:
-            waiter = self._probes.get(str(message.get("Token", "")))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        self._probe.heard(message)
 
 
 def _lines(response: Any) -> list[Mapping[str, Any]]:

@@ -46,9 +46,9 @@ from consentivr.withdrawal import (
     stop_mixmonitor,
 )
 from consentivr.withdrawalpath import (
-    PROBE_EVENT,
     Finding,
     RecordingGate,
+    UserEventProbe,
     check_withdrawal_path,
     problem,
 )
@@ -90,7 +90,7 @@ class RecordingListener:
         self.gate = gate  # closed while the withdrawal path is not verified
         self.findings: list[Finding] = []  # the last withdrawal-path check
         self.checked = asyncio.Event()  # set once the first check has run
-        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._probe = UserEventProbe()
         self.tracker = RecordingTracker()
         self.logged_in = asyncio.Event()
         self.done: list[Command | Withdrawal] = []  # what was carried out, for tests
@@ -190,16 +190,7 @@ class RecordingListener:
 
     async def probe(self, token: str, timeout: float = 3.0) -> bool:
         """Send a UserEvent and wait until it comes back on our event stream."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._probes[token] = waiter
-        try:
-            await self.action({"Action": "UserEvent", "UserEvent": PROBE_EVENT, "Token": token})
-            await asyncio.wait_for(waiter, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._probes.pop(token, None)
+        return await self._probe.probe(self.action, token, timeout)
 
     def _on_event(self, _manager: Manager, message: Mapping[str, Any]) -> None:
         if message.get("Event") not in _WANTED:  # a refused Filter: we get everything
@@ -209,10 +200,7 @@ class RecordingListener:
         store = getattr(message, "_store", None)
         pairs = store.values() if isinstance(store, dict) else message.items()
         event = {str(k): str(v) for k, v in pairs if k != "content"}
-        if event.get("UserEvent") == PROBE_EVENT:
-            waiter = self._probes.get(event.get("Token", ""))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        if self._probe.heard(event):
             return
         self._queue.put_nowait(("event", event, self.clock()))
 

@@ -18,6 +18,7 @@ runs the same checks.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -105,6 +106,35 @@ async def _events(probe: Probe) -> Finding:
 def _fields(response: Any) -> Mapping[str, Any]:
     first = response[0] if isinstance(response, list) and response else response
     return first if isinstance(first, Mapping) else {}
+
+
+class UserEventProbe:
+    """Sends a ``UserEvent`` and waits to hear it back on an AMI event stream: proof
+    that user events reach us. Feed it every event with :meth:`heard`."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+
+    async def probe(self, action: Action, token: str, timeout: float = 3.0) -> bool:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[token] = waiter
+        try:
+            await action({"Action": "UserEvent", "UserEvent": PROBE_EVENT, "Token": token})
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting.pop(token, None)
+
+    def heard(self, event: Mapping[str, Any]) -> bool:
+        """True when ``event`` is one of our probes (then it is for nobody else)."""
+        if event.get("UserEvent") != PROBE_EVENT:
+            return False
+        waiter = self._waiting.get(str(event.get("Token", "")))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
 
 
 class RecordingGate:
