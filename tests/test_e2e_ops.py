@@ -44,6 +44,8 @@ def _port(bed: Testbed) -> int:
 
 async def _call(bed: Testbed, keys: str) -> LocalCall:
     call = await bed.call()
+    # In the menu first: a session that has not started yet has not "left" either.
+    await bed.wait_phase(call, Phase.NOTICE)
     for index, key in enumerate(keys):
         await bed.wait_phase(call, Phase.QUESTION_PROMPT, index)
         await bed.press(call, key)
