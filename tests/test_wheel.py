@@ -43,8 +43,10 @@ def _run(cmd: list[str | Path], cwd: Path, timeout: float = 600) -> str:
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--wheel", "--sdist", "--outdir", out, REPO],
-         cwd=out)
+    # No --wheel/--sdist: build makes the sdist, then the wheel FROM the sdist, in temp
+    # dirs. So the sdist is proven complete, and no stale build/ dir of the checkout
+    # can slip an old module into the wheel.
+    _run([sys.executable, "-m", "build", "--outdir", out, REPO], cwd=out)
     (wheel,) = out.glob("consentivr-*.whl")
     (sdist,) = out.glob("consentivr-*.tar.gz")
     return wheel, sdist
