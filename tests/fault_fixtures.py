@@ -27,10 +27,10 @@ import pytest
 from consentivr.config import Settings, load_settings
 from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
-from consentivr.pbx import PbxEndpoints
 from consentivr.service import Service
 from consentivr.store import ConsentLog, load_or_create_key
-from consentivr.testbed import flow_yaml, write_config
+from consentivr_testbed.pbx import PbxEndpoints
+from consentivr_testbed.testbed import flow_yaml, write_config
 
 SECRETS = ("ari-Pa55word-xyz", "ami-Pa55word-xyz")
 DUMMY = PbxEndpoints(

@@ -2,11 +2,11 @@
 
 Load it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.pbx_fixtures"]``.
 
-The session fixture ``pbx`` yields a ``consentivr.pbx.Pbx`` (``.endpoints``,
+The session fixture ``pbx`` yields a ``consentivr_testbed.pbx.Pbx`` (``.endpoints``,
 ``.cli()``, ``.set_dialplan()``, ``.set_rendered_dialplan()``, ``.set_features()``,
 ``.log_path``, ``.shared_dir``):
 
-* by default a ``SandboxPbx`` (Debian sid's Asterisk under bwrap, see
+* by default a ``SandboxPbx`` (Debian forky's (or sid's) Asterisk under bwrap, see
   ``asterisk/README.md``) in ``/tmp/consentivr-pbx-XXXX``, whose ``shared/`` dir
   is visible to Asterisk at the same path;
 * with ``CONSENTIVR_TEST_ARI_URL`` set, the user's own Asterisk (``ExternalPbx``).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from consentivr.pbx import (
+from consentivr_testbed.pbx import (
     ExternalPbx,
     Pbx,
     PbxError,

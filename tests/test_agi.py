@@ -35,9 +35,9 @@ from consentivr.agi import (
 )
 from consentivr.config import Settings, load_settings
 from consentivr.consentwriter import ConsentWriter
-from consentivr.pbx import PbxEndpoints
 from consentivr.store import ConsentLog, GroupCommitter, load_or_create_key
-from consentivr.testbed import flow_yaml, write_config
+from consentivr_testbed.pbx import PbxEndpoints
+from consentivr_testbed.testbed import flow_yaml, write_config
 
 DEAD = "511 Command Not Permitted on a dead channel or intercept routine\n"
 ENV: dict[str, str] = {

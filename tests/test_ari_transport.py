@@ -26,7 +26,7 @@ from consentivr import accelerators, ari
 from consentivr.ari import AriClient
 from consentivr.config import AriSettings, load_settings
 from consentivr.errors import AriError, ConfigError
-from consentivr.testbed import flow_yaml
+from consentivr_testbed.testbed import flow_yaml
 
 APP = "cvr-transport"
 

@@ -19,7 +19,7 @@ import pytest
 
 from consentivr.config import WithdrawalSettings
 from consentivr.features import applicationmap, withdraw_dialplan
-from consentivr.pbx import SandboxPbx, env_lines
+from consentivr_testbed.pbx import SandboxPbx, env_lines
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 LIMIT = 60  # seconds; the smoke runs must stay fast enough for every CI run

@@ -53,9 +53,9 @@ from consentivr.ari import AriClient
 from consentivr.config import AriSettings, WithdrawalSettings, load_settings
 from consentivr.errors import ConsentivrError
 from consentivr.features import applicationmap, withdraw_dialplan
-from consentivr.pbx import SandboxPbx
 from consentivr.store import load_or_create_key
-from consentivr.testbed import CALLER_APP, write_config
+from consentivr_testbed.pbx import SandboxPbx
+from consentivr_testbed.testbed import CALLER_APP, write_config
 from tests.fault_fixtures import TcpProxy, hold_lock_in_thread, rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asterisk]

@@ -74,3 +74,20 @@ def test_bad_config_is_one_line_and_no_traceback(
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert errors and all(str(config) in line for line in errors), result.output
     assert any(message in line for line in errors), result.output
+
+
+def test_demo_says_in_one_line_where_it_went() -> None:
+    """The demo needs the test bench (sandbox PBX, sipp), which the wheel does not ship."""
+    result = CliRunner().invoke(main, ["demo", "--caller", "local"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: the demo is part of the test bench, not the installed package: "
+        "run `sudo ./dev demo` in a consentivr source checkout\n"
+    )
+
+
+def test_the_test_bench_demo_has_help_with_an_example() -> None:
+    from consentivr_testbed.demo import demo
+
+    result = CliRunner().invoke(demo, ["--help"])
+    assert result.exit_code == 0 and "sudo ./dev demo" in result.output

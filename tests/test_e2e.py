@@ -20,7 +20,7 @@ import pytest
 
 from consentivr.flow import DAY, Phase
 from consentivr.store import parse_iso
-from consentivr.testbed import LocalCall, Testbed, dialplan_for_tests, flow_yaml
+from consentivr_testbed.testbed import LocalCall, Testbed, dialplan_for_tests, flow_yaml
 
 pytestmark = pytest.mark.asterisk
 
@@ -475,7 +475,7 @@ def test_agi_rendered_dialplan_server_up_and_down(
     # `dialplan render --mode agi`, loaded into the real Asterisk: with the server up the
     # call is continued at the destination; with it down the fallback runs unrecorded.
     from consentivr.dialplan import RenderOptions, render
-    from consentivr.pbx import free_port
+    from consentivr_testbed.pbx import free_port
 
     bed = bed_factory()
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from consentivr.flow import Phase
-from consentivr.sipcaller import place_call_async
-from consentivr.testbed import LocalCall, Testbed, dialplan_for_tests, help_flow_yaml
+from consentivr_testbed.sipcaller import place_call_async
+from consentivr_testbed.testbed import LocalCall, Testbed, dialplan_for_tests, help_flow_yaml
 
 pytestmark = pytest.mark.asterisk
 

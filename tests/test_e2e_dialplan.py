@@ -32,9 +32,9 @@ from click.testing import CliRunner
 from consentivr.cli import main as cli_main
 from consentivr.config import load_settings
 from consentivr.flow import Phase
-from consentivr.pbx import Pbx, PbxEndpoints
 from consentivr.prompts import file_digest, read_manifest
-from consentivr.testbed import Testbed, flow_yaml
+from consentivr_testbed.pbx import Pbx, PbxEndpoints
+from consentivr_testbed.testbed import Testbed, flow_yaml
 
 pytestmark = pytest.mark.asterisk
 

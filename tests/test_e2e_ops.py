@@ -17,8 +17,8 @@ import pytest
 
 from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.flow import Phase
-from consentivr.pbx import free_port
-from consentivr.testbed import LocalCall, Testbed, dialplan_for_tests, flow_yaml
+from consentivr_testbed.pbx import free_port
+from consentivr_testbed.testbed import LocalCall, Testbed, dialplan_for_tests, flow_yaml
 from tests.fault_fixtures import rows, wait_for
 from tests.ops_fixtures import metrics_vs_log, scrape
 

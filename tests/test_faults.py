@@ -32,7 +32,6 @@ from consentivr.errors import AmiError, AriError, ConfigError, StoreError
 from consentivr.flow import Phase
 from consentivr.messages import DecisionRecord
 from consentivr.model import Decision
-from consentivr.pbx import SandboxPbx
 from consentivr.recovery import BUDGET, LoggedCall
 from consentivr.service import LazyLog, Service, prepare_paths
 from consentivr.stasis import StasisApp
@@ -43,7 +42,8 @@ from consentivr.store import (
     load_or_create_key,
     open_database,
 )
-from consentivr.testbed import (
+from consentivr_testbed.pbx import SandboxPbx
+from consentivr_testbed.testbed import (
     CALLER_APP,
     LocalCall,
     Testbed,

@@ -36,7 +36,7 @@ from consentivr.driver import clean, clean_id
 from consentivr.errors import ConfigError
 from consentivr.stasis import StasisApp
 from consentivr.store import CallerKey, ConsentLog
-from consentivr.testbed import flow_yaml
+from consentivr_testbed.testbed import flow_yaml
 from tests.fault_fixtures import (
     FakeAri,
     FakeCommitter,

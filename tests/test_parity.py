@@ -35,8 +35,8 @@ from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.features import FEATURE_NAME
 from consentivr.stasis import StasisApp
-from consentivr.testbed import flow_yaml, help_flow_yaml
 from consentivr.withdrawalpath import RecordingGate
+from consentivr_testbed.testbed import flow_yaml, help_flow_yaml
 from tests.fault_fixtures import FakeAri, FakeCommitter, FakeRecorder, settings_in, wait_for
 
 MODES = ("ari", "agi")

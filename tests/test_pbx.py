@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from consentivr.pbx import (
+from consentivr_testbed.pbx import (
     Pbx,
     PbxEndpoints,
     PbxError,
@@ -32,7 +32,7 @@ from consentivr.pbx import (
     asterisk_major_version,
     external_endpoints_from_env,
 )
-from consentivr.sipcaller import (
+from consentivr_testbed.sipcaller import (
     SipCallResult,
     build_rtp,
     place_call,

@@ -33,7 +33,7 @@ from consentivr.audit import verify_chain
 from consentivr.config import load_settings
 from consentivr.consentlog import open_reader
 from consentivr.flow import Phase
-from consentivr.testbed import Testbed, dialplan_for_tests, flow_yaml
+from consentivr_testbed.testbed import Testbed, dialplan_for_tests, flow_yaml
 from tests.pg_fixtures import PgServer
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.postgres, pytest.mark.chaos]

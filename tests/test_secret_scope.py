@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from consentivr.cli import main
 from consentivr.config import load_settings
 from consentivr.store import ConsentLog, load_or_create_key
-from consentivr.testbed import flow_yaml
+from consentivr_testbed.testbed import flow_yaml
 
 ARI = """\
 ari:

@@ -35,7 +35,6 @@ from consentivr.features import (
 from consentivr.flow import Phase
 from consentivr.listener import RecordingListener
 from consentivr.store import iso, open_database, parse_iso
-from consentivr.testbed import LocalCall, Testbed, flow_yaml
 from consentivr.tracker import (
     Mute,
     RecordingBegan,
@@ -44,6 +43,7 @@ from consentivr.tracker import (
     Withdrawn,
 )
 from consentivr.withdrawal import RecordingLog, Withdrawal, WithdrawalError, apply_withdrawal
+from consentivr_testbed.testbed import LocalCall, Testbed, flow_yaml
 from tests.fault_fixtures import committed_yes, crash
 
 WAV_HEADER = 44

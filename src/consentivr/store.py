@@ -32,8 +32,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 from consentivr.callers import UNPARSEABLE, WITHHELD, normalise, spellings
 from consentivr.errors import StoreError
 from consentivr.messages import DecisionRecord
@@ -251,7 +249,6 @@ class ConsentLog:
     def __init__(self, path: Path, caller_key: CallerKey) -> None:
         self.path = path
         self.conn = open_database(path)
-        self.db = sqlite_utils.Database(self.conn)
         self.caller_key = caller_key
 
     def close(self) -> None:

@@ -249,12 +249,24 @@ def _brief(row: dict[str, Any], full: bool) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in hidden}
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def demo() -> None:
+    """The three-call demo moved to the test bench: run ./dev demo in a source checkout.
+
+    \b
+    Example:
+      sudo ./dev demo
+    """
+    raise click.ClickException(
+        "the demo is part of the test bench, not the installed package: "
+        "run `sudo ./dev demo` in a consentivr source checkout"
+    )
+
+
 def _register() -> None:
     """Attach the command groups that live in their own modules."""
-    from consentivr.cli import demo
     from consentivr.cli import dialplan as dialplan_cli
 
-    main.add_command(demo.demo)
     main.add_command(dialplan_cli.dialplan)
     main.add_command(dialplan_cli.prompts)
 

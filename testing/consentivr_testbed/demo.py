@@ -1,4 +1,8 @@
-"""``consentivr demo``: the whole thing on a real Asterisk, in about a minute."""
+"""The demo: the whole thing on a real Asterisk, in about a minute.
+
+``./dev demo`` runs it (``python -m consentivr_testbed.demo``); it is part of the test
+bench, not of the installed consentivr, because it needs the sandbox PBX.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +46,9 @@ def demo(workdir: Path | None, caller: str, verbose: bool) -> None:
     \b
     Example:
       sudo ./dev demo
-      consentivr demo --caller local --workdir /tmp/consentivr-demo
+      sudo ./dev demo --caller local --workdir /tmp/consentivr-demo
     """
-    from consentivr.pbx import ExternalPbx, SandboxPbx
+    from consentivr_testbed.pbx import ExternalPbx, SandboxPbx
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,7 +60,7 @@ def demo(workdir: Path | None, caller: str, verbose: bool) -> None:
             click.echo(f"Using your Asterisk at {external.endpoints.ari_url}")
             _run(external, base, caller)
             return
-        click.echo("Starting the test PBX (Asterisk 22 from Debian sid in a sandbox; "
+        click.echo("Starting the test PBX (Asterisk 22 from Debian testing in a sandbox; "
                    "the first time this downloads it, about a minute)...")
         with SandboxPbx(base / "pbx") as pbx:
             click.echo(f"Asterisk is up: ARI {pbx.endpoints.ari_url}, log {pbx.log_path}")
@@ -66,7 +70,7 @@ def demo(workdir: Path | None, caller: str, verbose: bool) -> None:
 
 
 def _run(pbx: Any, work: Path, caller: str) -> None:
-    from consentivr.testbed import Testbed, dialplan_for_tests, flow_yaml
+    from consentivr_testbed.testbed import Testbed, dialplan_for_tests, flow_yaml
 
     if caller == "sip" and (shutil.which("sipp") is None or pbx.endpoints.sip_port is None):
         click.echo("sipp or a SIP port is not available: using Local channels instead.")
@@ -100,7 +104,7 @@ async def _calls(bed: Any, caller: str) -> None:
 
 
 async def _sip_call(bed: Any, keys: list[str | None]) -> None:
-    from consentivr.sipcaller import place_call_async
+    from consentivr_testbed.sipcaller import place_call_async
 
     # hello-world (1.4 s) is the notice, a beep each question: press in the pauses.
     script: list[tuple[str, Any]] = [("pause", 2.5)]
@@ -137,3 +141,7 @@ def _report(bed: Any) -> None:
     click.echo("")
     click.echo(f"Config used: {bed.config_path}")
     click.echo(f"Try: consentivr calls list --config {bed.config_path}")
+
+
+if __name__ == "__main__":  # python -m consentivr_testbed.demo (what ./dev demo runs)
+    demo(prog_name="./dev demo")

@@ -42,7 +42,7 @@ from string import Template
 from typing import Literal
 
 from consentivr.errors import ConsentivrError
-from consentivr.pbx import PbxEndpoints, assets_dir, port_is_free, tail
+from consentivr_testbed.pbx import PbxEndpoints, assets_dir, port_is_free, tail
 
 Step = tuple[str, float | str]
 Codec = Literal["PCMA", "PCMU"]

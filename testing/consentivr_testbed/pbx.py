@@ -1,8 +1,10 @@
 """A real Asterisk for tests and the demo: a sandboxed test PBX, or an existing one.
 
-``SandboxPbx`` runs Debian sid's Asterisk inside a ``bwrap`` sandbox whose root is a
-cached ``debootstrap`` tree (Debian 12 has no Asterisk package, and sid's packages
-need a newer libc than the host has). The run dir and any extra ``binds`` are
+``SandboxPbx`` runs Debian testing's (forky) Asterisk inside a ``bwrap`` sandbox whose
+root is a cached ``debootstrap`` tree (Debian 12 has no Asterisk package, and the newer
+packages need a newer libc than the host has). When forky has no usable Asterisk it
+falls back to sid; ``CONSENTIVR_PBX_SUITE`` picks one suite and nothing else. Each
+suite has its own cached root, ``<cache>/<suite>-root``. The run dir and any extra ``binds`` are
 bind-mounted at the same absolute path inside, so Asterisk and consentivr agree on
 every file path (recordings, prompts). All listeners are bound to 127.0.0.1 on free
 ports.
@@ -49,9 +51,14 @@ DEFAULT_CACHE_DIR = Path("/var/cache/consentivr")
 MIRROR_ENV = "CONSENTIVR_PBX_MIRROR"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE_ENV = "CONSENTIVR_PBX_SUITE"
-DEFAULT_SUITE = "sid"
+# Debian testing by its codename, not "testing": the cache is keyed by suite name, and
+# a name that moved to the next release would keep serving the old tree.
+DEFAULT_SUITE = "forky"
+# Tried when the default suite yields no working Asterisk (a broken testing day, or
+# Asterisk removed from testing). Never tried when CONSENTIVR_PBX_SUITE is set.
+FALLBACK_SUITE = "sid"
 ASSETS_ENV = "CONSENTIVR_ASTERISK_ASSETS"
-SID_PACKAGES = ("asterisk", "asterisk-modules", "asterisk-core-sounds-en-gsm")
+ASTERISK_PACKAGES = ("asterisk", "asterisk-modules", "asterisk-core-sounds-en-gsm")
 
 ASTERISK_BIN = "/usr/sbin/asterisk"
 ARI_USER = "consentivr"
@@ -259,8 +266,19 @@ class _Ports:
     rtp_end: int
 
 
+def suites_to_try(env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The Debian suites to provision from, in order: the chosen one, or forky then sid."""
+    chosen = (os.environ if env is None else env).get(SUITE_ENV, "").strip()
+    return (chosen,) if chosen else (DEFAULT_SUITE, FALLBACK_SUITE)
+
+
+def suite_root(cache_dir: Path, suite: str) -> Path:
+    """Where the cached tree of one suite lives (e.g. ``/var/cache/consentivr/forky-root``)."""
+    return cache_dir / f"{suite}-root"
+
+
 class SandboxPbx:
-    """Debian sid's Asterisk in a bwrap sandbox, configured from ``asterisk/templates``.
+    """Debian's Asterisk 22 in a bwrap sandbox, configured from ``asterisk/templates``.
 
     Asterisk runs as root without ``-U``/``-G`` (with a run user it drops the
     capabilities it needs to read Debian's config files) and with ``--die-with-parent``:
@@ -283,7 +301,10 @@ class SandboxPbx:
         # runs it); None: root. See _grant_run_user.
         self.run_as = run_as
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.root = self.cache_dir / "sid-root"
+        self.suites = suites_to_try()
+        # The suite and root in use: the first suite's until provision() settles them.
+        self.suite = self.suites[0]
+        self.root = suite_root(self.cache_dir, self.suite)
         self.binds = [Path(b).absolute() for b in binds]
         self._shared_dir = Path(shared_dir).absolute() if shared_dir else self.run_dir / "shared"
         self.http_sessionlimit = http_sessionlimit
@@ -339,23 +360,41 @@ class SandboxPbx:
     # -- provisioning ------------------------------------------------------------
 
     def provision(self) -> Path:
-        """Make sure ``<cache>/sid-root`` holds a working Asterisk; debootstrap it if not.
+        """Make sure ``<cache>/<suite>-root`` holds a working Asterisk; debootstrap it if not.
 
-        The tree is built in ``sid-root.tmp`` and renamed into place only once
+        Suites are tried in order (``suites_to_try``): forky, then sid when forky yields
+        no working Asterisk; ``self.suite`` and ``self.root`` say which one is in use.
+        A tree is built in ``<suite>-root.tmp`` and renamed into place only once
         ``asterisk -V`` works in it, so an interrupted run never leaves a broken cache.
         """
         _require_tool("bwrap", "bubblewrap")
-        if self._root_works(self.root):
-            return self.root
+        failures: list[str] = []
+        for suite in self.suites:
+            root = suite_root(self.cache_dir, suite)
+            try:
+                self._provision_suite(suite, root)
+            except PbxUnavailable as exc:
+                failures.append(f"Debian {suite}: {exc}")
+                if suite != self.suites[-1]:
+                    log.warning("Debian %s gave no usable Asterisk; trying the next suite", suite)
+                continue
+            if failures:
+                log.warning("using Debian %s's Asterisk instead (%s)", suite, failures[0])
+            self.suite, self.root = suite, root
+            return root
+        raise PbxUnavailable("\n".join(failures))
+
+    def _provision_suite(self, suite: str, root: Path) -> None:
+        if self._root_works(root):
+            return
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PbxUnavailable(f"cannot create the PBX cache {self.cache_dir}: {exc}") from None
         with self._cache_lock():
-            if self._root_works(self.root):  # another process built it meanwhile
-                return self.root
-            self._debootstrap()
-        return self.root
+            if self._root_works(root):  # another process built it meanwhile
+                return
+            self._debootstrap(suite, root)
 
     @contextlib.contextmanager
     def _cache_lock(self) -> Iterator[None]:
@@ -380,48 +419,57 @@ class SandboxPbx:
             return False
         return res.returncode == 0 and res.stdout.startswith(b"Asterisk ")
 
-    def _debootstrap(self) -> None:
+    def _debootstrap(self, suite: str, root: Path) -> None:
         if os.geteuid() != 0:
             raise PbxUnavailable(
-                f"building the Asterisk sandbox in {self.root} needs root (debootstrap); "
+                f"building the Asterisk sandbox in {root} needs root (debootstrap); "
                 "or point the tests at an existing Asterisk (CONSENTIVR_TEST_ARI_URL)"
             )
         _require_tool("debootstrap", "debootstrap")
-        suite = os.environ.get(SUITE_ENV) or DEFAULT_SUITE
         mirror = os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
-        tmp = self.cache_dir / "sid-root.tmp"
-        log_file = self.cache_dir / "debootstrap.log"
+        tmp = root.with_name(root.name + ".tmp")
+        log_file = self.cache_dir / f"debootstrap-{suite}.log"
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted run
         cmd = [
             "debootstrap",
             "--variant=minbase",
-            f"--include={','.join(SID_PACKAGES)}",
+            f"--include={','.join(ASTERISK_PACKAGES)}",
             suite,
             str(tmp),
             mirror,
         ]
+        # An older debootstrap knows no script for a newer suite ("No such script:
+        # .../forky"); every Debian suite since buster uses the same one, sid's.
+        scripts = Path("/usr/share/debootstrap/scripts")
+        if not (scripts / suite).exists() and (scripts / "sid").exists():
+            cmd.append(str(scripts / "sid"))
         log.info("provisioning Asterisk: %s (about a minute; log: %s)", " ".join(cmd), log_file)
         started = time.monotonic()
-        with log_file.open("wb") as out:
-            try:
-                rc = subprocess.run(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, timeout=1800, check=False
-                ).returncode
-            except subprocess.TimeoutExpired:
-                rc = -1
+        rc = self._run_debootstrap(cmd, log_file)
         if rc != 0 or not self._root_works(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)  # a broken tree is no cache: free its space
             why = f"exited with {rc}" if rc else "installed no working asterisk"
             raise PbxUnavailable(
                 f"debootstrap of Debian {suite} from {mirror} {why} (no network, or a broken "
                 f"{suite} day?); see {log_file}; last lines:\n{tail(log_file)}"
             )
-        old = self.cache_dir / "sid-root.old"
+        old = root.with_name(root.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
-        if self.root.exists():
-            self.root.rename(old)
-        tmp.rename(self.root)
+        if root.exists():
+            root.rename(old)
+        tmp.rename(root)
         shutil.rmtree(old, ignore_errors=True)
-        log.info("Asterisk sandbox ready in %s (%.0f s)", self.root, time.monotonic() - started)
+        log.info("Asterisk sandbox ready in %s (%.0f s)", root, time.monotonic() - started)
+
+    def _run_debootstrap(self, cmd: list[str], log_file: Path) -> int:
+        """Run debootstrap with its output in ``log_file``; its exit status (-1: timeout)."""
+        with log_file.open("wb") as out:
+            try:
+                return subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, timeout=1800, check=False
+                ).returncode
+            except subprocess.TimeoutExpired:
+                return -1
 
     # -- bwrap -----------------------------------------------------------------
 
@@ -1075,8 +1123,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m consentivr.pbx provision|run``: build the sandbox, or run the PBX by hand."""
-    parser = argparse.ArgumentParser(prog="python -m consentivr.pbx", description=__doc__)
+    """``python -m consentivr_testbed.pbx provision|run``: build the sandbox, or run the PBX."""
+    parser = argparse.ArgumentParser(prog="python -m consentivr_testbed.pbx", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     prov = sub.add_parser("provision", help="debootstrap the Asterisk sandbox unless cached")
     run = sub.add_parser("run", help="start the test PBX; print its settings; stop on Ctrl-C")
@@ -1089,8 +1137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         if args.cmd == "provision":
-            root = SandboxPbx(Path(tempfile.gettempdir()), cache_dir=args.cache_dir).provision()
-            log.info("Asterisk sandbox ready: %s", root)
+            pbx = SandboxPbx(Path(tempfile.gettempdir()), cache_dir=args.cache_dir)
+            root = pbx.provision()
+            chosen = "chosen by $" + SUITE_ENV if os.environ.get(SUITE_ENV) else (
+                "the default" if pbx.suite == DEFAULT_SUITE else f"fallback: no usable "
+                f"Asterisk from {DEFAULT_SUITE}")
+            log.info("Asterisk sandbox ready: Debian %s (%s), %s", pbx.suite, chosen, root)
             return 0
         run_dir = args.dir or Path(tempfile.mkdtemp(prefix="consentivr-pbx-", dir="/tmp"))
         pbx = SandboxPbx(run_dir, cache_dir=args.cache_dir)
