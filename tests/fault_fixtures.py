@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from consentivr.config import Settings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
 from consentivr.service import Service
+from consentivr.settings import Settings
 from consentivr.store import ConsentLog, load_or_create_key
 from consentivr_testbed.pbx import PbxEndpoints
 from consentivr_testbed.testbed import flow_yaml, write_config

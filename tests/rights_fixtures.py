@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
-from consentivr.config import Settings, load_settings
-from consentivr.consentlog import open_consent_log, open_log_for
+from consentivr.configfile import load_settings
+from consentivr.consentlog import open_consent_log
 from consentivr.messages import DecisionRecord, KeyPress
 from consentivr.model import Decision
-from consentivr.retention import PurgeOptions, PurgeReport, open_log, run_purge
+from consentivr.purgelog import open_log, open_log_for
+from consentivr.retention import PurgeOptions, PurgeReport, run_purge
+from consentivr.settings import Settings
 from consentivr.store import CallerKey, ConsentLog
 from consentivr.subject import erase_subject
 

@@ -86,7 +86,7 @@ def test_the_cli_starts_without_the_extra() -> None:
         "import sys; sys.modules['uvloop'] = None; sys.modules['orjson'] = None\n"
         "from consentivr import accelerators, ari\n"
         "assert accelerators.json_name == 'json' and accelerators.loop_name() == 'asyncio'\n"
-        "from consentivr.cli import main\n"
+        "from consentivr.cli.main import main\n"
         "main(['--version'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -159,7 +159,7 @@ def test_ami_reconnects_without_tracebacks_on_either_loop(
     connection: it logged tracebacks and never reconnected. Found by the chaos suite.
     """
     from consentivr.ami import AmiPool
-    from consentivr.config import AmiSettings
+    from consentivr.settings import AmiSettings
 
     if loop == "uvloop" and accelerators.optional("uvloop") is None:
         pytest.skip("uvloop is not installed (the consentivr[fast] extra)")

@@ -33,8 +33,9 @@ from consentivr.agi import (
     parse_reply,
     quote,
 )
-from consentivr.config import Settings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.consentwriter import ConsentWriter
+from consentivr.settings import Settings
 from consentivr.store import ConsentLog, GroupCommitter, load_or_create_key
 from consentivr_testbed.pbx import PbxEndpoints
 from consentivr_testbed.testbed import flow_yaml, write_config

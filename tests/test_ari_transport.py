@@ -24,8 +24,9 @@ from aiohttp import WSMsgType, web
 
 from consentivr import accelerators, ari
 from consentivr.ari import AriClient
-from consentivr.config import AriSettings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.errors import AriError, ConfigError
+from consentivr.settings import AriSettings
 from consentivr_testbed.testbed import flow_yaml
 
 APP = "cvr-transport"

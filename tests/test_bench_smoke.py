@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from consentivr.config import WithdrawalSettings
 from consentivr.features import applicationmap, withdraw_dialplan
+from consentivr.settings import WithdrawalSettings
 from consentivr_testbed.pbx import SandboxPbx, env_lines
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

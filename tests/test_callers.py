@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.callers import WITHHELD, normalise, spellings
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError
 from consentivr.store import CallerKey
 from consentivr.subject import callback_list, export_subject

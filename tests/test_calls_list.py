@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main, recording_status
+from consentivr.cli.calls import recording_status
+from consentivr.cli.main import main
 from consentivr.withdrawal import RecordingLog
 from tests.rights_fixtures import T0, Env
 

@@ -50,9 +50,10 @@ from typing import Any
 import pytest
 
 from consentivr.ari import AriClient
-from consentivr.config import AriSettings, WithdrawalSettings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.errors import ConsentivrError
 from consentivr.features import applicationmap, withdraw_dialplan
+from consentivr.settings import AriSettings, WithdrawalSettings
 from consentivr.store import load_or_create_key
 from consentivr_testbed.pbx import SandboxPbx
 from consentivr_testbed.testbed import CALLER_APP, write_config
@@ -133,7 +134,7 @@ class ServiceProcess:
         script = Path(sys.executable).with_name("consentivr")
         if script.exists():
             return [str(script), "serve", "--config", str(self.config)]
-        return [sys.executable, "-c", "from consentivr.cli import main; main()",
+        return [sys.executable, "-c", "from consentivr.cli.main import main; main()",
                 "serve", "--config", str(self.config)]
 
     async def start(self) -> None:

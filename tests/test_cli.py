@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main
+from consentivr.cli.main import main
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from consentivr.config import load_dialplans, load_flow_file, load_settings, prompt_file
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError
+from consentivr.flowfile import load_dialplans, load_flow_file, prompt_file
 from consentivr.model import Basis, Destination, flow_context, menu_context
 
 PROMPTS = Path("/srv/prompts")

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consentivr import config as config_module
+from consentivr import flowfile as config_module
 from consentivr.cli.dialplan import DEFAULT_PROMPTS_DIR, dialplan, prompts
-from consentivr.config import load_dialplans, load_flow_file, load_settings
+from consentivr.configfile import load_settings
 from consentivr.dialplan import RenderError, RenderOptions, render, render_hash, rendered_hash
 from consentivr.errors import ConfigError
+from consentivr.flowfile import load_dialplans, load_flow_file
 from consentivr.schema import dialplan_schema
 
 ROOT = Path(__file__).resolve().parent.parent

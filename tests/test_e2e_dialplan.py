@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main as cli_main
-from consentivr.config import load_settings
+from consentivr.cli.main import main as cli_main
+from consentivr.configfile import load_settings
 from consentivr.flow import Phase
 from consentivr.prompts import file_digest, read_manifest
 from consentivr_testbed.pbx import Pbx, PbxEndpoints

@@ -26,7 +26,7 @@ from aiohttp import web
 from consentivr import redaction
 from consentivr.ami import AmiPool, Recorder
 from consentivr.ari import AriClient
-from consentivr.config import AmiSettings, AriSettings, Settings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, ConfigError, StoreError
 from consentivr.flow import Phase
@@ -34,6 +34,7 @@ from consentivr.messages import DecisionRecord
 from consentivr.model import Decision
 from consentivr.recovery import BUDGET, LoggedCall
 from consentivr.service import LazyLog, Service, prepare_paths
+from consentivr.settings import AmiSettings, AriSettings, Settings
 from consentivr.stasis import StasisApp
 from consentivr.store import (
     CallerKey,

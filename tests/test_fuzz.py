@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from consentivr.callers import WITHHELD, normalise
-from consentivr.config import load_settings
+from consentivr.configfile import load_settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import clean, clean_id
 from consentivr.errors import ConfigError

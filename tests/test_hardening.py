@@ -22,11 +22,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from consentivr import config as config_module
-from consentivr.cli import main
-from consentivr.config import load_dialplans, load_settings
+from consentivr import flowfile as config_module
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError, ConsentivrError, StoreError
-from consentivr.retention import PurgeOptions, purge_lock, run_purge
+from consentivr.flowfile import load_dialplans
+from consentivr.purgelog import purge_lock
+from consentivr.retention import PurgeOptions, run_purge
 from consentivr.store import load_or_create_key, open_database
 from consentivr.subject import erase_subject, export_subject
 from consentivr.validation import Field, Problems
@@ -440,7 +442,7 @@ def _numbers_time(n: int) -> float:
     for _ in range(3):
         field = Field(node, "", Problems("x.yaml"))
         numbers = field.mapping(optional=("numbers",))["numbers"]  # type: ignore[index]
-        scope = config_module._Scope(Path("/nonexistent"))
+        scope = config_module.FlowScope(Path("/nonexistent"))
         started = time.perf_counter()
         config_module._numbers(numbers, "main", scope)
         best = min(best, time.perf_counter() - started)

@@ -38,8 +38,8 @@ from consentivr.asteriskconfig import (
     missing_includes,
     snippets,
 )
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.doctor import Account, may
 from consentivr.ownership import prepare_recordings_dir
 from consentivr_testbed.pbx import PbxError, PbxUnavailable, SandboxPbx, StockSandboxPbx, free_port

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from consentivr import __version__
-from consentivr.config import load_settings
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError, ConsentivrError
 from consentivr.exporter import Exporter
 from consentivr.health import Health, needed_components

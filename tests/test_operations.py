@@ -10,11 +10,12 @@ from pathlib import Path
 
 import aiohttp
 
-from consentivr.config import MetricsSettings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.flow import DecisionRecord
 from consentivr.metrics import Metrics
 from consentivr.notify import Notifier
 from consentivr.operations import Operations
+from consentivr.settings import MetricsSettings
 from consentivr.store import CallerKey, ConsentLog
 from consentivr.withdrawal import RecordingLog
 from tests.ops_fixtures import metrics_vs_log, scrape

@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from consentivr.agi import AgiServer
-from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.features import FEATURE_NAME
+from consentivr.settings import Settings
 from consentivr.stasis import StasisApp
 from consentivr.withdrawalpath import RecordingGate
 from consentivr_testbed.testbed import flow_yaml, help_flow_yaml

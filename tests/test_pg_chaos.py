@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from consentivr.audit import verify_chain
-from consentivr.config import load_settings
+from consentivr.configfile import load_settings
 from consentivr.consentlog import open_reader
 from consentivr.flow import Phase
 from consentivr_testbed.testbed import Testbed, dialplan_for_tests, flow_yaml

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.audit import verify_chain
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.consentlog import ConsentLogBackend, open_consent_log, open_reader
 from consentivr.errors import StoreError
 from consentivr.pgstore import POSTGRES, Schema

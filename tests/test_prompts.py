@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.cli.dialplan import prompts
-from consentivr.config import load_dialplans
+from consentivr.flowfile import load_dialplans
 from consentivr.prompts import (
     MANIFEST,
     PromptError,

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.cli.rights import purge_command
+from consentivr.purgelog import PurgeBusy, purge_lock
 from consentivr.purgemetrics import previous_success, recorded_purge, render, write_run
-from consentivr.retention import PurgeBusy, PurgeReport, purge_lock
+from consentivr.retention import PurgeReport
 from tests.rights_fixtures import Env, record
 
 

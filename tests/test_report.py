@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError
 from consentivr.flow import DecisionRecord, KeyPress
 from consentivr.logstats import Period, SqliteLogStats
@@ -550,7 +550,7 @@ TAMPER = {
 def odd_log(seeded: Seeded) -> Path:
     """The seeded log plus rows whose texts need JSON escapes: quotes, backslashes,
     control characters, non-ASCII and U+2028."""
-    from consentivr.retention import open_log
+    from consentivr.purgelog import open_log
     from consentivr.verifier import verify_log
 
     odd = seeded.root / "odd"
@@ -618,7 +618,7 @@ def test_the_report_shows_who_took_the_callback_list(tmp_path: Path) -> None:
 
 
 def test_a_notice_version_shows_its_more_information_part() -> None:
-    from consentivr.config import load_dialplans
+    from consentivr.flowfile import load_dialplans
     from consentivr.logstats import NoticeUse
     from consentivr.report import _notices
 

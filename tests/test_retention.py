@@ -16,14 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from consentivr.cli.rights import purge_command
-from consentivr.retention import (
-    PurgeBusy,
-    PurgeOptions,
-    PurgeReport,
-    parse_as_of,
-    purge_lock,
-    seqs_of,
-)
+from consentivr.purgelog import PurgeBusy, purge_lock
+from consentivr.retention import PurgeOptions, PurgeReport, parse_as_of, seqs_of
 from consentivr.store import PERSONAL_FIELDS
 from tests.rights_fixtures import BACKENDS, DAY, T0, Env, backend_env, record
 
@@ -331,7 +325,7 @@ def test_orphans_in_subdirectories_are_found(env: Env) -> None:
 
 _SELF_KILL = textwrap.dedent("""
     import os, signal, sys, time
-    from consentivr import retention
+    from consentivr import recordingsdir
     mode, n = sys.argv[1], int(sys.argv[2])
     real_unlink, count = os.unlink, 0
     def unlink(*args, **kw):
@@ -342,7 +336,7 @@ _SELF_KILL = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 right after an unlink
         if mode == "slow":
             time.sleep(0.0005)
-    retention.os.unlink = unlink
+    recordingsdir.os.unlink = unlink
     from consentivr.retention import PurgeOptions, run_purge
     from pathlib import Path
     db, rec, as_of = Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])

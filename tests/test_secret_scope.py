@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.store import ConsentLog, load_or_create_key
 from consentivr_testbed.testbed import flow_yaml
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from consentivr.audit import verify_chain
 from consentivr.callbacks import DoneStatus, call_history, export_runs, mark_done
-from consentivr.cli import main as cli_main
+from consentivr.cli.main import main as cli_main
 from consentivr.cli.rights import callbacks_done, callbacks_export, subject_erase, subject_export
 from consentivr.errors import ConsentivrError
 from consentivr.retention import PurgeOptions
@@ -144,7 +144,7 @@ def test_empty_numbers_are_refused(given: str) -> None:
 def callbacks(env: Env, as_of: float) -> list[dict[str, object]]:
     conn = env.conn()
     try:
-        from consentivr.config import load_settings
+        from consentivr.configfile import load_settings
 
         return callback_list(conn, load_settings(env.config).flows, as_of)
     finally:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from consentivr.cli import main
-from consentivr.config import load_settings
+from consentivr.cli.main import main
+from consentivr.configfile import load_settings
 from consentivr.model import Decision, Flow
 from consentivr.testing import HANGUP, FakeCommitter, run_call
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from consentivr.cli.dialplan import dialplan as dialplan_cli
 from consentivr.cli.recording import recording as recording_cli
-from consentivr.config import WithdrawalSettings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.errors import ConfigError
 from consentivr.features import (
     FEATURE_NAME,
@@ -34,6 +34,7 @@ from consentivr.features import (
 )
 from consentivr.flow import Phase
 from consentivr.listener import RecordingListener
+from consentivr.settings import WithdrawalSettings
 from consentivr.store import iso, open_database, parse_iso
 from consentivr.tracker import (
     Mute,

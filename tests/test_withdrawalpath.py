@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from consentivr.config import WithdrawalSettings
 from consentivr.errors import AmiError
+from consentivr.settings import WithdrawalSettings
 from consentivr.withdrawalpath import RecordingGate, check_withdrawal_path, problem
 
 FEATURE = {"Response": "Success", "Category-000000": "applicationmap",

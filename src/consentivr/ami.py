@@ -25,8 +25,8 @@ from typing import Any
 from panoramisk import Manager
 from panoramisk.ami_protocol import AMIProtocol
 
-from consentivr.config import AmiSettings
 from consentivr.errors import AmiError
+from consentivr.settings import AmiSettings
 
 log = logging.getLogger(__name__)
 

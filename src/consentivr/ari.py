@@ -29,8 +29,8 @@ from urllib.parse import quote
 import aiohttp
 
 from consentivr.accelerators import dumps, loads
-from consentivr.config import AriSettings
 from consentivr.errors import AriError
+from consentivr.settings import AriSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from consentivr.config import Settings
 from consentivr.dialplan import DEFAULT_AGI_URL, RenderOptions, render
 from consentivr.errors import ConsentivrError
 from consentivr.features import applicationmap, withdraw_dialplan
+from consentivr.settings import Settings
 
 PROBE_CONTEXT = "consentivr-probe"
 PROBE_VARIABLE = "CONSENTIVR_PROBE"

@@ -4,8 +4,8 @@
 CLI need of a log. :func:`open_consent_log` picks the backend from ``database:`` (a
 path, or ``postgresql://user@host:port/dbname``). The readers and the rights
 commands take a connection shaped like ``sqlite3.Connection`` from
-:func:`open_reader` / :func:`open_log_for`: the SQLite file, or a PostgreSQL session
-through :class:`consentivr.pgstore.CompatConnection`.
+:func:`open_reader` (and :func:`consentivr.purgelog.open_log_for`): the SQLite
+file, or a PostgreSQL session through :class:`consentivr.pgstore.CompatConnection`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from consentivr.errors import StoreError
 from consentivr.messages import DecisionRecord
 
 if TYPE_CHECKING:
-    from consentivr.config import Settings
+    from consentivr.settings import Settings
     from consentivr.store import CallerKey
 
 
@@ -101,14 +101,3 @@ def open_reader(settings: Settings, reconnect: bool = True, create: bool = False
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot read the consent log: {exc}") from exc
     return conn
-
-
-def open_log_for(settings: Settings) -> Any:
-    """A read-write connection for the rights commands (purge, subject, callbacks),
-    shaped like ``sqlite3.Connection``: :func:`consentivr.retention.open_log` on the
-    SQLite file, a session on a shared PostgreSQL log."""
-    if settings.database_url is not None:
-        return open_reader(settings, create=True)
-    from consentivr.retention import open_log
-
-    return open_log(settings.database)

@@ -31,7 +31,6 @@ import yaml
 from panoramisk import Manager
 
 from consentivr.asteriskconfig import PROBE_CONTEXT, PROBE_VARIABLE, probe_file
-from consentivr.config import Settings
 from consentivr.dialplan import (
     DEFAULT_AGI_URL,
     RENDER_CONTEXT,
@@ -50,6 +49,7 @@ from consentivr.prompts import (
     tool_versions,
     up_to_date,
 )
+from consentivr.settings import Settings
 from consentivr.withdrawalpath import UserEventProbe, check_withdrawal_path
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"

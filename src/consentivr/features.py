@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from consentivr.config import WithdrawalSettings
+    from consentivr.settings import WithdrawalSettings
 
 FEATURE_NAME = "consentivr_withdraw"
 WITHDRAW_CONTEXT = "consentivr-withdraw"

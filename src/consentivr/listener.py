@@ -25,9 +25,9 @@ from typing import Any, Protocol
 from panoramisk import Manager
 
 from consentivr.ami import AmiProtocol
-from consentivr.config import Settings
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.features import NOTE_PREFIX
+from consentivr.settings import Settings
 from consentivr.tracker import (
     Command,
     Mute,

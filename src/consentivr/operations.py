@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from consentivr.config import MetricsSettings, Settings
 from consentivr.exporter import Exporter
 from consentivr.metrics import Metrics
 from consentivr.notify import Notifier
+from consentivr.settings import MetricsSettings, Settings
 
 
 class Operations:

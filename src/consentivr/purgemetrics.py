@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from consentivr.retention import PurgeBusy, PurgeReport
+from consentivr.purgelog import PurgeBusy
+from consentivr.retention import PurgeReport
 
 log = logging.getLogger(__name__)
 _LAST_SUCCESS = "consentivr_purge_last_success_timestamp_seconds"

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from consentivr.audit import ChainReport
-from consentivr.config import Contact, Settings
 from consentivr.errors import ConsentivrError
 from consentivr.logstats import LogStats, Period
 from consentivr.model import Basis, Flow, Purpose
-from consentivr.retention import DAY, RecordingsDir, UnsafePath
+from consentivr.recordingsdir import RecordingsDir, UnsafePath
+from consentivr.retention import DAY
+from consentivr.settings import Contact, Settings
 from consentivr.store import iso
 
 # Every value a purpose's decision can take, in the order the page shows them.

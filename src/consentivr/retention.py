@@ -12,13 +12,11 @@ One purge run, in this order:
 
 Safety rules (see ``docs/retention.md``):
 
-* only regular files strictly under the recordings dir are deleted; every path
-  component below the dir is opened with ``O_NOFOLLOW`` and the file is
-  ``lstat``-ed and unlinked relative to its directory's fd, so a symlink (or a
-  symlinked dir) is never followed, and ``..``/``.``/empty components are refused;
+* only regular files strictly under the recordings dir are deleted, through
+  ``consentivr.recordingsdir`` (fd-relative, no symlink followed);
 * a file modified within ``grace`` seconds (wall clock) is a call in progress
   and is kept, whatever the rows say;
-* the run holds an exclusive lock: two purges never interleave.
+* the run holds an exclusive lock (``consentivr.purgelog``): two purges never interleave.
 
 Crash safety: before unlinking a batch the run commits one ``pending`` item per
 file (intent). After the unlinks, a second transaction marks the rows purged, turns
@@ -32,10 +30,7 @@ transactions, so they are atomic and idempotent.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
-import os
 import sqlite3
 import stat
 import time
@@ -47,54 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from consentivr.errors import ConsentivrError, StoreError
-from consentivr.paths import make_private_dir
-from consentivr.store import PERSONAL_FIELDS, iso, open_database
-from consentivr.text import one_line
+from consentivr.purgelog import local_lock, shared_log
+from consentivr.recordingsdir import RecordingsDir, RecordingsUnavailable, UnsafePath, show_path
+from consentivr.store import PERSONAL_FIELDS, iso
 
 DAY = 86400.0
 DEFAULT_GRACE = 300.0  # a file written within 5 minutes belongs to a live call
 DEFAULT_ORPHAN_GRACE = 7 * DAY
 DEFAULT_BATCH = 5000
-
-# The purge log. Items hold row numbers (seq) and, for orphans, the file's path
-# under the recordings dir (a call id file name): nothing personal.
-PURGE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS purge_runs (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,              -- purge | erase
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    as_of TEXT NOT NULL,
-    dry_run INTEGER NOT NULL,
-    status TEXT NOT NULL,            -- running | done | problems | interrupted
-    recordings_deleted INTEGER NOT NULL DEFAULT 0,
-    recordings_missing INTEGER NOT NULL DEFAULT 0,
-    rows_redacted INTEGER NOT NULL DEFAULT 0,
-    callers_cleared INTEGER NOT NULL DEFAULT 0,
-    orphans_found INTEGER NOT NULL DEFAULT 0,
-    orphans_deleted INTEGER NOT NULL DEFAULT 0,
-    in_progress INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    head_seq INTEGER,                -- the chain head when the run ended: an anchor
-    head_hash TEXT,
-    summary TEXT
-);
-CREATE TABLE IF NOT EXISTS purge_items (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES purge_runs(id),
-    seq INTEGER,                     -- calls.seq; NULL for an orphan file
-    action TEXT NOT NULL,            -- recording_deleted | recording_missing | redacted |
-                                     -- caller_cleared | orphan_deleted | erased
-    state TEXT NOT NULL,             -- pending | done
-    path TEXT,                       -- orphans only: the path under the recordings dir
-    at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS purge_items_run ON purge_items(run_id);
-CREATE INDEX IF NOT EXISTS purge_items_pending ON purge_items(state) WHERE state = 'pending';
--- Lets the purge find expired callback numbers without scanning the whole log.
-CREATE INDEX IF NOT EXISTS calls_callback_until ON calls(callback_until)
-    WHERE caller_number IS NOT NULL;
-"""
 
 _COUNTERS = (
     "recordings_deleted", "recordings_missing", "rows_redacted", "callers_cleared",
@@ -104,14 +59,6 @@ _COUNTERS = (
 _REDACT_SET = ", ".join(f"{f}=NULL" for f in PERSONAL_FIELDS)
 
 
-class PurgeBusy(ConsentivrError):
-    """Another purge or erasure holds the lock."""
-
-
-class RecordingsUnavailable(StoreError):
-    """The recordings dir cannot be opened, or looks unmounted: nothing is marked."""
-
-
 # A run refuses (changes nothing more, exit 1) when at least MISSING_MIN of the
 # recordings it is due to delete are missing and they are at least MISSING_SHARE
 # of those checked: that is an unmounted volume, not a few lost files. An empty
@@ -119,9 +66,6 @@ class RecordingsUnavailable(StoreError):
 # ``--allow-missing`` overrides both, after the admin has checked.
 MISSING_MIN = 10
 MISSING_SHARE = 0.5
-
-
-# --- small helpers ----------------------------------------------------------------
 
 
 def parse_as_of(text: str) -> float:
@@ -136,225 +80,6 @@ def parse_as_of(text: str) -> float:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
-
-def open_log(path: Path) -> sqlite3.Connection:
-    """The consent log with the purge log's tables."""
-    conn = open_database(path)
-    try:
-        conn.executescript(PURGE_SCHEMA)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise StoreError(f"{path}: cannot create the purge log: {exc}") from exc
-    return conn
-
-
-@contextlib.contextmanager
-def purge_lock(db_path: Path, wait: float = 0.0) -> Iterator[None]:
-    """One purge or erasure at a time; a held lock also proves no run is alive."""
-    lock_path = db_path.with_name(db_path.name + ".purge.lock")
-    try:
-        make_private_dir(lock_path.parent)
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise StoreError(f"{lock_path}: cannot open the purge lock: {exc.strerror}") from exc
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise PurgeBusy(
-                        f"{lock_path}: another purge or erasure is running"
-                    ) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-def show_path(path: str) -> str:
-    """A path as one printable line: odd names (newlines, quotes) are JSON-quoted."""
-    return one_line(path)
-
-
-# --- safe file access -----------------------------------------------------------------
-
-
-class UnsafePath(Exception):
-    """A recording path that must not be touched (outside the dir, ``..``, symlink...)."""
-
-
-class RecordingsDir:
-    """fd-relative, symlink-refusing access to files under the recordings dir.
-
-    The configured dir itself is opened as given (an admin may point it at a
-    symlinked volume); nothing below it is followed. A dir that is not there
-    (a symlink to a volume not mounted) is an error as soon as a file below it
-    is needed: never "every file is missing". ``previous`` are earlier spellings
-    of the dir (``recordings.previous_dirs``): a row naming a file under one of
-    them means the file under the dir.
-    """
-
-    def __init__(self, root: Path, previous: Sequence[str] = ()) -> None:
-        self.root = Path(root)
-        self.prefix = str(self.root).rstrip("/") + "/"
-        # The dir as spelled, as resolved (rows written when the config loader
-        # resolved symlinks), and as it was spelled before (previous_dirs).
-        others = (os.path.realpath(self.root), *previous)
-        self.prefixes = tuple(dict.fromkeys(
-            [self.prefix, *(str(p).rstrip("/") + "/" for p in others)]))
-        self.fd = -1
-        try:
-            self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            self.open_error = exc.strerror or str(exc)
-        else:
-            self.open_error = ""
-
-    def need_root(self) -> None:
-        """Raise :class:`RecordingsUnavailable` if the dir could not be opened."""
-        if self.fd < 0:
-            raise RecordingsUnavailable(
-                f"{show_path(str(self.root))}: cannot open the recordings dir "
-                f"({self.open_error}; a volume not mounted?): nothing was marked deleted")
-
-    def is_empty(self) -> bool:
-        if self.fd < 0:
-            return True
-        # A new open file description: scandir on self.fd would share its read
-        # offset with the orphan walk running in another thread.
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        try:
-            with os.scandir(fd) as it:
-                return next(it, None) is None
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> RecordingsDir:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def relative(self, recording_path: str) -> tuple[str, ...]:
-        """The path's components below the root, or :class:`UnsafePath`."""
-        if "\0" in recording_path:
-            raise UnsafePath("NUL in path")
-        if recording_path.startswith("/"):
-            prefix = next((p for p in self.prefixes if recording_path.startswith(p)), None)
-            if prefix is None:
-                raise UnsafePath("outside the recordings dir (an old spelling of it? see "
-                                 "recordings.previous_dirs)")
-            rest = recording_path[len(prefix):]
-        else:
-            rest = recording_path
-        if "/" not in rest:  # the common case, <dir>/<call id>.wav
-            if rest in ("", ".", ".."):
-                raise UnsafePath("'..', '.' or an empty component")
-            return (rest,)
-        parts = tuple(rest.split("/"))
-        if any(p in ("", ".", "..") for p in parts):
-            raise UnsafePath("'..', '.' or an empty component")
-        return parts
-
-    @contextlib.contextmanager
-    def parent(self, parts: Sequence[str]) -> Iterator[int]:
-        """The fd of the file's directory, opening each level with O_NOFOLLOW."""
-        self.need_root()
-        if len(parts) == 1:
-            yield self.fd  # the common case: <dir>/<call id>.wav
-            return
-        opened: list[int] = []
-        try:
-            fd = self.fd
-            for part in parts[:-1]:
-                try:
-                    fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnsafePath("a directory on the way is a symlink") from exc
-                    raise
-                opened.append(fd)
-            yield fd
-        finally:
-            for fd in opened:
-                os.close(fd)
-
-    def lstat(self, parts: Sequence[str]) -> os.stat_result:
-        self.need_root()
-        if len(parts) == 1:
-            return os.lstat(parts[0], dir_fd=self.fd)  # fast path, no context manager
-        with self.parent(parts) as dfd:
-            return os.lstat(parts[-1], dir_fd=dfd)
-
-    def unlink(self, parts: Sequence[str]) -> None:
-        """Unlink a name the caller has ``lstat``-ed as a regular file.
-
-        ``unlink`` never follows a symlink: if the name were swapped for a link
-        since, the link itself would go, never its target.
-        """
-        self.need_root()
-        if len(parts) == 1:
-            os.unlink(parts[0], dir_fd=self.fd)
-            return
-        with self.parent(parts) as dfd:
-            os.unlink(parts[-1], dir_fd=dfd)
-
-    def open_regular(self, parts: Sequence[str]) -> int:
-        """A read fd on a regular file, never through a symlink, never blocking.
-
-        ``O_NONBLOCK`` comes first: opening a FIFO for reading would otherwise wait
-        forever for a writer. It is cleared once the fd is known to be a file.
-        """
-        with self.parent(parts) as dfd:
-            try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                             | os.O_NONBLOCK, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise UnsafePath("a symlink") from exc
-                raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafePath("not a regular file")
-        os.set_blocking(fd, True)
-        return fd
-
-    def walk(self) -> Iterator[str]:
-        """The relative path of every non-directory entry below the root.
-
-        Entries are typed by ``d_type`` (no stat); subdirectories are entered
-        fd-relative with ``O_NOFOLLOW``, so a symlinked directory is never entered.
-        """
-        if self.fd < 0:
-            return
-        stack: list[tuple[int, str]] = [(self.fd, "")]
-        while stack:
-            dfd, base = stack.pop()
-            try:
-                with os.scandir(dfd) as it:
-                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-                for name, is_dir in entries:
-                    if not is_dir:
-                        yield base + name
-                        continue
-                    try:
-                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                      | os.O_CLOEXEC, dir_fd=dfd)
-                    except OSError:
-                        continue  # replaced by a symlink or gone: not ours to enter
-                    stack.append((sub, f"{base}{name}/"))
-            finally:
-                if dfd != self.fd:
-                    os.close(dfd)
 
 
 # --- the report -----------------------------------------------------------------
@@ -1050,51 +775,6 @@ def run_purge(database: Path, recordings_dir: Path, opts: PurgeOptions,
             return purger.purge(opts, progress)
         except sqlite3.Error as exc:
             raise StoreError(f"{database}: purge failed: {exc}") from exc
-
-
-def local_lock(settings: Any, database: Path,
-               wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
-    """The lock file next to a SQLite log; a shared log's lock is in the server."""
-    if settings is None or settings.database_url is None:
-        return purge_lock(database, wait)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def shared_log(settings: Any, database: Path,
-               wait: float = 0.0) -> Iterator[tuple[Any, str | None, Callable[[], Any] | None]]:
-    """(connection, node, reader factory) for a purge or erasure: the SQLite file, or
-    on a shared PostgreSQL log a session holding the log's purge lock, so that one
-    run at a time redacts rows, whichever node it runs on."""
-    if settings is None or settings.database_url is None:
-        conn = open_log(database)
-        try:
-            yield conn, None, None
-        finally:
-            conn.close()
-        return
-    from consentivr.consentlog import open_reader
-    from consentivr.pgstore import REDACTION_LOCK
-
-    # No reconnect: a new session would not hold the lock.
-    conn = open_reader(settings, reconnect=False, create=True)
-    try:
-        deadline = time.monotonic() + wait
-        while not conn.execute("SELECT pg_try_advisory_lock(?)",
-                               (REDACTION_LOCK,)).fetchone()[0]:
-            if time.monotonic() >= deadline:
-                raise PurgeBusy(f"{conn.where}: another purge or erasure is running "
-                                "(on some node)")
-            time.sleep(0.1)
-        yield conn, settings.node, lambda: open_reader(settings)
-    finally:
-        conn.close()  # ends the session: the lock goes with it
-
-
-def purge_runs(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, Any]]:
-    """The latest runs of the purge log, newest first."""
-    return [dict(r) for r in conn.execute(
-        "SELECT * FROM purge_runs ORDER BY id DESC LIMIT ?", (limit,))]
 
 
 def seqs_of(items: Iterable[tuple[str, int | None, str | None]], action: str) -> list[int]:

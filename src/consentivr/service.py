@@ -30,7 +30,6 @@ from consentivr.agi.protocol import DEFAULT_HOST, DEFAULT_PORT
 from consentivr.agi.server import AgiServer
 from consentivr.ami import AmiPool, Recorder
 from consentivr.ari import AriClient
-from consentivr.config import Settings
 from consentivr.consentlog import caller_key_for, open_consent_log
 from consentivr.consentwriter import ConsentWriter
 from consentivr.errors import AmiError, AriError, StoreError
@@ -38,6 +37,7 @@ from consentivr.listener import RecordingListener
 from consentivr.operations import Operations
 from consentivr.ownership import prepare_recordings_dir
 from consentivr.recovery import lookup_for
+from consentivr.settings import Settings
 from consentivr.stasis import EVENT_TYPES, StasisApp
 from consentivr.store import (
     CallerKey,

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import CallDriver, CallObserver, call_info, clean, clean_id
 from consentivr.errors import ConsentivrError
@@ -37,6 +36,7 @@ from consentivr.messages import (
 )
 from consentivr.model import Destination
 from consentivr.recovery import ChannelRecovery, Lookup, RecoveryAri, playback_id
+from consentivr.settings import Settings
 from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)

@@ -22,16 +22,9 @@ from consentivr.callers import callback_number, spellings
 from consentivr.errors import ConsentivrError, StoreError
 from consentivr.model import Decision, Flow
 from consentivr.paths import make_private_dir
-from consentivr.retention import (
-    DEFAULT_GRACE,
-    Purger,
-    PurgeReport,
-    RecordingsDir,
-    RecordingsUnavailable,
-    UnsafePath,
-    local_lock,
-    shared_log,
-)
+from consentivr.purgelog import local_lock, shared_log
+from consentivr.recordingsdir import RecordingsDir, RecordingsUnavailable, UnsafePath
+from consentivr.retention import DEFAULT_GRACE, Purger, PurgeReport
 from consentivr.store import CallerKey, iso, public_row
 from consentivr.text import one_line
 

@@ -11,7 +11,7 @@ to, so a flow of yours can be run in a unit test.
 
 Example::
 
-    from consentivr.config import load_settings
+    from consentivr.configfile import load_settings
     from consentivr.testing import run_call
 
     flow = load_settings("config.yaml").flows["minimal"]

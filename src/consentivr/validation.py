@@ -342,3 +342,29 @@ def _key_node(mapping: yaml.MappingNode, key: str) -> yaml.Node:
         if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
             return key_node
     return mapping
+
+
+# --- paths in config files ---------------------------------------------------
+
+NAME_MAX = 255  # bytes in one file name (Linux)
+PATH_MAX = 4096
+
+
+def bad_path(f: Field, value: str) -> bool:
+    """Record why a path cannot be a file name at all (NUL, too long); True if so."""
+    if "\0" in value:
+        f.error("a path cannot contain a NUL byte")
+        return True
+    encoded = os.fsencode(value)
+    if len(encoded) >= PATH_MAX or any(len(p) > NAME_MAX for p in encoded.split(b"/")):
+        f.error(f"a path may have at most {NAME_MAX} bytes in each name and {PATH_MAX - 1} "
+                "in all")
+        return True
+    return False
+
+
+def field_path(f: Field, value: str) -> Path:
+    base = Path(f.problems.file).resolve().parent
+    if "\0" in value:
+        value = value.replace("\0", "")  # reported by bad_path; never reaches the OS
+    return (base / os.path.expanduser(value)).resolve()

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consentivr.errors import AmiError, ConsentivrError, StoreError
-from consentivr.retention import RecordingsDir, RecordingsUnavailable, UnsafePath
+from consentivr.recordingsdir import RecordingsDir, RecordingsUnavailable, UnsafePath
 from consentivr.store import iso, open_database, parse_iso
 
 if TYPE_CHECKING:
-    from consentivr.config import Settings
+    from consentivr.settings import Settings
 
 log = logging.getLogger(__name__)
 

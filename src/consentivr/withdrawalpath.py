@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from consentivr.config import WithdrawalSettings
 from consentivr.errors import AmiError
 from consentivr.features import FEATURE_NAME, WITHDRAW_CONTEXT
+from consentivr.settings import WithdrawalSettings
 
 PROBE_EVENT = "ConsentivrProbe"
 

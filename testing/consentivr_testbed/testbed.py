@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from consentivr.ari import AriClient
-from consentivr.config import AriSettings, Settings, load_settings
+from consentivr.configfile import load_settings
 from consentivr.features import applicationmap, withdraw_dialplan
 from consentivr.flow import Phase
 from consentivr.service import Service
+from consentivr.settings import AriSettings, Settings
 from consentivr_testbed.pbx import Pbx, PbxEndpoints
 
 CALLER_APP = "consentivr-caller"

@@ -24,10 +24,10 @@ from consentivr.agi.protocol import (
     flow_name,
 )
 from consentivr.agi.transport import AgiTransport
-from consentivr.config import Settings
 from consentivr.consentwriter import ConsentWriter
 from consentivr.driver import CallDriver, CallObserver, call_info, clean_id
 from consentivr.messages import Clock
+from consentivr.settings import Settings
 from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from consentivr import accelerators
-from consentivr.cli import (
+from consentivr.cli.common import (
     config_option,
     friendly_errors,
     log_format_option,

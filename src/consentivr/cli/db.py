@@ -7,9 +7,9 @@ import sqlite3
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, settings_from
-from consentivr.config import Settings
+from consentivr.cli.common import config_option, friendly_errors, settings_from
 from consentivr.schemaversion import SQLITE, refusal
+from consentivr.settings import Settings
 
 
 def _state(settings: Settings, upgrade: bool) -> dict[str, object]:

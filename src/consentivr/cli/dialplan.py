@@ -13,17 +13,12 @@ from pathlib import Path
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, write_atomically
-from consentivr.config import (
-    DEFAULT_APP,
-    Dialplan,
-    WithdrawalSettings,
-    load_dialplans,
-    load_settings,
-)
+from consentivr.cli.common import config_option, friendly_errors, write_atomically
+from consentivr.configfile import load_settings
 from consentivr.dialplan import DEFAULT_AGI_URL, MODES, RenderOptions, render
 from consentivr.errors import ConfigError
 from consentivr.features import DEFAULT_FEATURES_CONF, check_features_file
+from consentivr.flowfile import Dialplan, load_dialplans
 from consentivr.prompts import (
     PromptError,
     build_prompts,
@@ -34,6 +29,7 @@ from consentivr.prompts import (
     up_to_date,
 )
 from consentivr.schema import dialplan_schema
+from consentivr.settings import DEFAULT_APP, WithdrawalSettings
 from consentivr.text import one_line, strip_controls
 
 DEFAULT_PROMPTS_DIR = "/var/lib/consentivr/prompts"

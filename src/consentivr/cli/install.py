@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, settings_from, write_atomically
+from consentivr.cli.common import config_option, friendly_errors, settings_from, write_atomically
 
 
 @click.command("doctor")

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import click
 
-from consentivr.cli import config_option, friendly_errors, settings_from, write_atomically
-from consentivr.cli.rights import NeedsAttention
+from consentivr.cli.common import (
+    NeedsAttention,
+    config_option,
+    friendly_errors,
+    settings_from,
+    write_atomically,
+)
 
 
 @click.command("report")

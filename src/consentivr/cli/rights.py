@@ -33,23 +33,29 @@ import click
 
 from consentivr.audit import count_rows, verify_chain
 from consentivr.callbacks import DoneStatus, mark_done, record_export, staff_name
-from consentivr.cli import config_option, friendly_errors, settings_from
-from consentivr.config import Settings
-from consentivr.consentlog import caller_key_for, open_log_for, open_reader
+from consentivr.cli.common import (
+    Busy,
+    NeedsAttention,
+    config_option,
+    friendly_errors,
+    settings_from,
+)
+from consentivr.consentlog import caller_key_for, open_reader
 from consentivr.errors import ConsentivrError, StoreError
+from consentivr.purgelog import PurgeBusy, open_log_for
 from consentivr.purgemetrics import recorded_purge
+from consentivr.recordingsdir import show_path
 from consentivr.retention import (
     DEFAULT_BATCH,
     MISSING_MIN,
     MISSING_SHARE,
-    PurgeBusy,
     PurgeOptions,
     PurgeReport,
     count_due,
     parse_as_of,
     run_purge,
-    show_path,
 )
+from consentivr.settings import Settings
 from consentivr.store import CallerKey
 from consentivr.subject import (
     callback_list,
@@ -60,18 +66,7 @@ from consentivr.subject import (
 )
 from consentivr.text import strip_controls
 
-DEFAULT_CONFIG = "/etc/consentivr/config.yaml"
-EXIT_PROBLEMS = 3
-EXIT_BUSY = 4
 _SHOWN = 50  # warnings printed in full before "... and N more"
-
-
-class Busy(click.ClickException):
-    exit_code = EXIT_BUSY
-
-
-class NeedsAttention(click.ClickException):
-    exit_code = EXIT_PROBLEMS
 
 
 class Duration(click.ParamType):

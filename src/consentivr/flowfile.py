@@ -1,19 +1,16 @@
-"""The service config (``config.yaml``) and the flows it names, as frozen dataclasses.
+"""The flow-file loader: flows, menus and prompts from dialplan YAML into ``model`` objects.
 
 Loading collects every problem, each with file, line, column and dotted key, and
-raises one :class:`~consentivr.errors.ConfigError` holding them all.
-Secrets may be given inline, as ``*_env`` (an environment variable) or as
-``*_file`` (a file); they never appear in ``repr`` or in error messages.
+raises one :class:`~consentivr.errors.ConfigError` holding them all. A
+:class:`FlowScope` keeps flow and menu names unique across the files read into it
+(``config.yaml``'s inline flows and every ``dialplan:`` file).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import socket
-import stat
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +35,9 @@ from consentivr.text import one_line
 from consentivr.validation import (
     Field,
     Problems,
-    UnreadableFile,
+    bad_path,
+    field_path,
     load_document,
-    read_small_file,
 )
 from consentivr.wording import (
     KNOWN_LANGUAGES,
@@ -52,192 +49,6 @@ from consentivr.wording import (
     placeholders,
     retention_phrase,
 )
-
-DEFAULT_APP = "consentivr"
-
-
-@dataclass(frozen=True)
-class AriSettings:
-    url: str  # e.g. http://127.0.0.1:8088 (without /ari)
-    username: str
-    password: str = field(repr=False)
-    app: str = DEFAULT_APP
-    connections: int = 20  # REST pool: well below http.conf sessionlimit (100)
-    timeout: float = 10.0  # seconds for any one REST call
-    # REST calls as RESTRequest messages on the events websocket (Asterisk 22.3+,
-    # 21.8+, 20.13+): auto = when the server answers a probe at connect; on; off = HTTP.
-    rest_over_websocket: str = "auto"
-
-
-@dataclass(frozen=True)
-class AmiSettings:
-    host: str
-    port: int
-    username: str
-    password: str = field(repr=False)
-    connections: int = 2  # AMI runs one connection's actions one at a time
-    timeout: float = 5.0
-
-
-@dataclass(frozen=True)
-class RecordingSettings:
-    dir: Path
-    # MixMonitor options; 'b' records only while bridged to a person, not the menu.
-    options: str = "b"
-    # Earlier spellings of dir (before it moved behind a symlink): log rows that
-    # name a file under one of these mean the same file under dir.
-    previous_dirs: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CallerSettings:
-    """How caller numbers are read (see ``consentivr.callers``)."""
-
-    default_region: str | None = None  # ISO 3166, e.g. NL: reads national numbers
-
-
-@dataclass(frozen=True)
-class WithdrawalSettings:
-    """Withdrawal of consent by key while talking (see ``consentivr.features``)."""
-
-    keys: str = "*9"  # the features.conf code; Asterisk fires it while bridged
-    on_withdraw: str = "delete"  # the partial recording: delete | keep (marked withdrawn)
-    confirmation: tuple[str, ...] = ("beep", "cancelled")  # sounds the caller hears
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    """``metrics: {listen: host:port}``: where /metrics and /healthz answer."""
-
-    host: str = "127.0.0.1"
-    port: int = 9468
-
-
-@dataclass(frozen=True)
-class PurgeSettings:
-    """``purge:``: what the nightly purge leaves for monitoring."""
-
-    metrics_file: Path | None = None  # a node_exporter textfile (*.prom)
-
-
-@dataclass(frozen=True)
-class Contact:
-    """Who answers for the processing, for the art. 30 record: controller or DPO."""
-
-    name: str
-    email: str | None = None
-    phone: str | None = None
-    address: str | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    source: Path
-    ari: AriSettings | None  # None: FastAGI mode and the admin commands need no ARI
-    ami: AmiSettings | None
-    database: Path
-    recordings: RecordingSettings
-    prompts_dir: Path
-    flows: Mapping[str, Flow]
-    default_flow: str
-    log_retention_days: int = 730
-    caller_key: bytes | None = field(default=None, repr=False)
-    menus: Mapping[str, Menu] = field(default_factory=dict)  # from ``menus:`` sections
-    # A call found in Stasis after a restart of consentivr: continue | hangup.
-    recovery: str = "continue"
-    withdrawal: WithdrawalSettings = field(default_factory=WithdrawalSettings)
-    metrics: MetricsSettings | None = None  # None: no /metrics, /healthz listener
-    purge: PurgeSettings = field(default_factory=PurgeSettings)
-    controller: Contact | None = None  # the art. 30 record (``consentivr report``)
-    dpo: Contact | None = None
-    callers: CallerSettings = field(default_factory=CallerSettings)
-    # A shared PostgreSQL log (``database: postgresql://...``); then ``database`` is
-    # unused and commands that still need SQLite say so (consentivr.consentlog).
-    database_url: str | None = None
-    database_password: str | None = field(default=None, repr=False)
-    node: str = field(default_factory=socket.gethostname)  # who wrote a row and owns its file
-
-    def flow_for(self, name: str | None) -> Flow | None:
-        return self.flows.get(name or self.default_flow)
-
-
-# --- secrets ----------------------------------------------------------------
-
-
-def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field,
-            resolve: bool = True) -> str | None:
-    """A secret given inline, as ``*_env`` or as ``*_file``.
-
-    ``resolve=False``: only check how it is given, and return "" instead of reading the
-    environment or the file (a command that does not use it needs neither).
-    """
-    given = [k for k in (name, f"{name}_env", f"{name}_file") if k in fields]
-    if len(given) > 1:
-        parent.error(f"give only one of {', '.join(given)}")
-        return None
-    if not given:
-        if required:
-            parent.error(f"missing required key '{name}' (or '{name}_env', '{name}_file')")
-        return None
-    key = given[0]
-    if not resolve:
-        return ""
-    f = fields[key]
-    value = f.string()
-    if value is None:
-        return None
-    if key.endswith("_env"):
-        secret = os.environ.get(value)
-        if not secret:
-            f.error(f"environment variable {value} is not set")
-        return secret
-    if key.endswith("_file"):
-        if _bad_path(f, value):
-            return None
-        path = _path(f, value)
-        try:
-            mode = path.stat().st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                f.error(f"{one_line(str(path))} is readable by others: chmod 600 it")
-                return None
-            text = read_small_file(path, MAX_SECRET_BYTES)
-        except OSError as exc:
-            f.error(f"cannot read {one_line(str(path))}: {exc.strerror}")
-            return None
-        except UnreadableFile as exc:
-            f.error(f"{one_line(str(path))}: {exc}")
-            return None
-        assert isinstance(text, str)
-        return text.strip()
-    return value
-
-
-MAX_SECRET_BYTES = 64 * 1024
-NAME_MAX = 255  # bytes in one file name (Linux)
-PATH_MAX = 4096
-
-
-def _bad_path(f: Field, value: str) -> bool:
-    """Record why a path cannot be a file name at all (NUL, too long); True if so."""
-    if "\0" in value:
-        f.error("a path cannot contain a NUL byte")
-        return True
-    encoded = os.fsencode(value)
-    if len(encoded) >= PATH_MAX or any(len(p) > NAME_MAX for p in encoded.split(b"/")):
-        f.error(f"a path may have at most {NAME_MAX} bytes in each name and {PATH_MAX - 1} "
-                "in all")
-        return True
-    return False
-
-
-def _path(f: Field, value: str) -> Path:
-    base = Path(f.problems.file).resolve().parent
-    if "\0" in value:
-        value = value.replace("\0", "")  # reported by _bad_path; never reaches the OS
-    return (base / os.path.expanduser(value)).resolve()
-
-
-# --- prompts and flows ------------------------------------------------------
 
 # Extensions of sound files that Asterisk's own format modules play.
 AUDIO_EXTENSIONS = (
@@ -276,7 +87,7 @@ AST_MAX_EXTENSION = 79
 # The contexts `dialplan render` writes; a destination must not loop back into them.
 _GENERATED = (ENTRY_CONTEXT, flow_context(""), menu_context(""))
 # Paths Asterisk gets in Playback(a&b) and sound: URIs: nothing it would split on.
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+=@~-]+")
+SAFE_SOUND = re.compile(r"[A-Za-z0-9_./+=@~-]+")
 
 
 def _media(value: str) -> str:
@@ -295,7 +106,7 @@ def menu_prompt_dir(menu: str) -> str:
 
 
 @dataclass
-class _Scope:
+class FlowScope:
     """What parsing needs beyond the node at hand: names taken so far, the manifest."""
 
     prompts_dir: Path
@@ -346,7 +157,7 @@ def _language_code(f: Field) -> str | None:
     return value
 
 
-def _read_prompt(f: Field, scope: _Scope) -> _Raw | None:
+def _read_prompt(f: Field, scope: FlowScope) -> _Raw | None:
     """A prompt is ``media`` (Asterisk sounds), ``file`` (the admin's recording) or ``text``."""
     if isinstance(f.node, yaml.ScalarNode):
         value = f.string()  # shorthand: one sound name
@@ -407,7 +218,7 @@ def _playable(f: Field, values: Sequence[str]) -> bool:
     """Sound names the dialplan cannot split on (what ``dialplan render`` refuses)."""
     for value in values:
         uri = _media(value)
-        if uri.startswith("sound:") and not _SAFE_PATH.fullmatch(uri.removeprefix("sound:")):
+        if uri.startswith("sound:") and not SAFE_SOUND.fullmatch(uri.removeprefix("sound:")):
             f.error(f"sound {one_line(value)}: use letters, digits and . / _ - + = @ ~ "
                     "(no spaces, commas, brackets or ${...})")
             return False
@@ -416,10 +227,10 @@ def _playable(f: Field, values: Sequence[str]) -> bool:
 
 def _sound_file(f: Field, value: str) -> tuple[Path, list[Path]] | None:
     """The sound file(s) a ``file:`` names: with a playable extension, or any such file."""
-    if _bad_path(f, value):
+    if bad_path(f, value):
         return None
-    path = _path(f, value)
-    if not _SAFE_PATH.fullmatch(str(path)):
+    path = field_path(f, value)
+    if not SAFE_SOUND.fullmatch(str(path)):
         f.error(f"{one_line(str(path))}: a sound path may only have letters, digits and "
                 ". / _ - + = @ ~")
         return None
@@ -440,7 +251,7 @@ def _sound_file(f: Field, value: str) -> tuple[Path, list[Path]] | None:
     return path, files
 
 
-def _read_per_language(f: Field, languages: tuple[str, ...] | None, scope: _Scope,
+def _read_per_language(f: Field, languages: tuple[str, ...] | None, scope: FlowScope,
                        what: str, owner: str = "flow") -> dict[str, _Raw]:
     """One prompt per language; a missing language is a problem.
 
@@ -469,7 +280,7 @@ def _read_per_language(f: Field, languages: tuple[str, ...] | None, scope: _Scop
     return result
 
 
-def _finish(raw: _Raw, scope: _Scope, *, where: str, step: str, language: str,
+def _finish(raw: _Raw, scope: FlowScope, *, where: str, step: str, language: str,
             values: Mapping[str, str] | None,
             required: Sequence[tuple[str, str]] = (), dialplan: bool = False) -> Prompt | None:
     """Fill a prompt's placeholders for its language and check the required ones.
@@ -556,7 +367,7 @@ class _PurposeDraft:
         return [("object_key", "the question does not say how to object: add {object_key}")]
 
 
-def _purpose(f: Field, name: str, languages: tuple[str, ...], scope: _Scope) -> _PurposeDraft:
+def _purpose(f: Field, name: str, languages: tuple[str, ...], scope: FlowScope) -> _PurposeDraft:
     before = len(f.problems.lines)
     fields = f.mapping(required=("basis", "retention_days", "question"),
                        optional=PURPOSE_KEYS) or {}
@@ -627,7 +438,7 @@ def _languages(f: Field) -> tuple[str, ...]:
     return tuple(languages)
 
 
-def _numbers(f: Field, flow: str, scope: _Scope) -> tuple[str, ...]:
+def _numbers(f: Field, flow: str, scope: FlowScope) -> tuple[str, ...]:
     items = f.items() if isinstance(f.node, yaml.SequenceNode) else [f]
     numbers: dict[str, None] = {}  # ordered, and a linear duplicate check
     for item in items:
@@ -652,12 +463,9 @@ def _numbers(f: Field, flow: str, scope: _Scope) -> tuple[str, ...]:
     return tuple(numbers)
 
 
-def parse_flow(f: Field, name: str, prompts_dir: Path) -> Flow | None:
-    """One flow, on its own (no menus to refer to)."""
-    return _parse_flow(f, name, _Scope(prompts_dir), {})
 
 
-def _parse_flow(f: Field, name: str, scope: _Scope,
+def _parse_flow(f: Field, name: str, scope: FlowScope,
                 menus: Mapping[str, Menu | None]) -> Flow | None:
     before = len(f.problems.lines)
     fields = f.mapping(required=("languages", "notice", "purposes", "destination"),
@@ -784,7 +592,7 @@ def _language_by_country(f: Field, languages: tuple[str, ...]) -> dict[str, str]
 
 
 def _default_not_recorded(f: Field, flow: str, languages: tuple[str, ...],
-                          scope: _Scope) -> dict[str, Prompt]:
+                          scope: FlowScope) -> dict[str, Prompt]:
     """The built-in "this call is not recorded" text, per language."""
     result: dict[str, Prompt] = {}
     for language in languages:
@@ -876,7 +684,7 @@ def _key_node_of(f: Field, key: str) -> yaml.Node:
 
 
 def _language_menu(f: Field, languages: tuple[str, ...], flow: str,
-                   scope: _Scope) -> LanguageMenu | None:
+                   scope: FlowScope) -> LanguageMenu | None:
     """The first menu: one prompt, or one part per language, each in its own voice."""
     before = len(f.problems.lines)
     fields = f.mapping(required=("prompt", "keys"), optional=LANGUAGE_MENU_KEYS)
@@ -942,7 +750,7 @@ def _language_menu(f: Field, languages: tuple[str, ...], flow: str,
     return LanguageMenu(prompt=prompt, keys=keys, timeout=timeout, retries=retries, parts=parts)
 
 
-def _parse_menus(f: Field, scope: _Scope) -> dict[str, Menu | None]:
+def read_menus(f: Field, scope: FlowScope) -> dict[str, Menu | None]:
     """A file's ``menus:``; options may lead to other menus of the same file."""
     entries = list(f.entries())
     names: set[str] = set()
@@ -990,7 +798,7 @@ class _MenuDraft:
     ok: bool
 
 
-def _menu_draft(f: Field, name: str, scope: _Scope) -> _MenuDraft | None:
+def _menu_draft(f: Field, name: str, scope: FlowScope) -> _MenuDraft | None:
     before = len(f.problems.lines)
     fields = f.mapping(required=("prompt", "options"), optional=MENU_KEYS)
     if fields is None:
@@ -1031,13 +839,9 @@ def _menu_destination(f: Field, drafts: Mapping[str, _MenuDraft | None],
     return _destination(f, menus, languages)
 
 
-def parse_flows(root: Field, prompts_dir: Path) -> dict[str, Flow]:
-    """The flows of a ``flows:`` mapping, on their own (no menus to refer to)."""
-    scope = _Scope(prompts_dir)
-    return _parse_flows(root, scope, {})
 
 
-def _parse_flows(root: Field, scope: _Scope,
+def read_flows(root: Field, scope: FlowScope,
                  menus: Mapping[str, Menu | None]) -> dict[str, Flow]:
     flows: dict[str, Flow] = {}
     entries = list(root.entries())
@@ -1069,7 +873,7 @@ class Dialplan:
     prompts_dir: Path
 
 
-def _load_file(path: Path, scope: _Scope) -> list[str]:
+def read_file(path: Path, scope: FlowScope) -> list[str]:
     """Parse one dialplan file into ``scope``; returns its problems, sorted by line."""
     problems = Problems(str(path))
     root = load_document(path, problems)
@@ -1078,18 +882,18 @@ def _load_file(path: Path, scope: _Scope) -> list[str]:
         if fields is not None:
             if "version" in fields:
                 fields["version"].integer(1, 1)
-            menus = _parse_menus(fields["menus"], scope) if "menus" in fields else {}
+            menus = read_menus(fields["menus"], scope) if "menus" in fields else {}
             if "flows" in fields:
-                _parse_flows(fields["flows"], scope, menus)
+                read_flows(fields["flows"], scope, menus)
     return problems.sorted()
 
 
 def load_dialplans(paths: Iterable[Path], prompts_dir: Path) -> Dialplan:
     """Load several dialplan files together; raises one ConfigError with every problem."""
-    scope = _Scope(prompts_dir)
+    scope = FlowScope(prompts_dir)
     problems: list[str] = []
     for path in paths:
-        problems.extend(_load_file(Path(path), scope))
+        problems.extend(read_file(Path(path), scope))
     if problems:
         raise ConfigError(problems)
     return Dialplan(flows=dict(scope.flows), menus=dict(scope.menus), prompts_dir=prompts_dir)
@@ -1098,330 +902,12 @@ def load_dialplans(paths: Iterable[Path], prompts_dir: Path) -> Dialplan:
 def load_flow_file(path: Path, prompts_dir: Path,
                    taken: Mapping[str, Flow] | None = None) -> dict[str, Flow]:
     """Load one dialplan YAML file (``flows:`` at the top) and return its flows."""
-    scope = _Scope(prompts_dir)
+    scope = FlowScope(prompts_dir)
     for name, flow in (taken or {}).items():
         scope.where[f"flow {name}"] = "another file"
         for number in flow.numbers:
             scope.numbers[number] = name
-    problems = _load_file(Path(path), scope)
+    problems = read_file(Path(path), scope)
     if problems:
         raise ConfigError(problems)
     return {name: flow for name, flow in scope.flows.items()}
-
-
-# --- the service config -----------------------------------------------------
-
-_TOP_KEYS = (
-    "ari", "ami", "database", "recordings", "prompts_dir", "flows", "menus", "dialplan",
-    "default_flow", "log_retention_days", "caller_key", "caller_key_env", "caller_key_file",
-    "recovery", "withdrawal", "metrics", "purge", "controller", "dpo", "callers",
-    "database_password", "database_password_env", "database_password_file", "node",
-)
-
-
-# The sections whose secrets a command may need; each command asks for its own.
-SECRET_SECTIONS = ("ari", "ami")
-
-
-def load_settings(path: str | os.PathLike[str], secrets: Collection[str] = SECRET_SECTIONS,
-                  require: Collection[str] = ()) -> Settings:
-    """Load and check ``config.yaml`` and every dialplan file it names.
-
-    ``secrets``: the sections (``ari``, ``ami``) whose passwords are read from the
-    config, the environment or their files. The others are checked for form only and
-    get an empty password, so that, say, ``purge`` runs without the ARI and AMI
-    passwords in its environment. ``require``: optional sections this use needs
-    (``ari`` for ARI mode; FastAGI mode and the admin commands do without it).
-    """
-    source = Path(path)
-    problems = Problems(str(path))
-    root = load_document(source, problems)
-    if root is None:
-        raise ConfigError(problems.sorted())
-    fields = root.mapping(required=("database", "recordings", *require), optional=_TOP_KEYS)
-    if fields is None:
-        raise ConfigError(problems.sorted())
-    ari = _ari(fields["ari"], "ari" in secrets) if "ari" in fields else None
-    ami = _ami(fields["ami"], "ami" in secrets) if "ami" in fields else None
-    database_url, database_password, node = _shared_log(fields, root)
-    database = (_path(fields["database"], fields["database"].string() or ".")
-                if "database" in fields and database_url is None else None)
-    if database_url is not None:
-        database = source.resolve().parent / "postgresql-log-not-a-file"
-    recordings = _recordings(fields["recordings"]) if "recordings" in fields else None
-    prompts_dir = (_path(fields["prompts_dir"], fields["prompts_dir"].string() or ".")
-                   if "prompts_dir" in fields else source.resolve().parent / "prompts")
-    scope = _Scope(prompts_dir)
-    extra_problems: list[str] = []
-    # Inline flows may use inline menus; each dialplan file has its own menus.
-    menus = _parse_menus(fields["menus"], scope) if "menus" in fields else {}
-    if "flows" in fields:
-        _parse_flows(fields["flows"], scope, menus)
-    if "dialplan" in fields:
-        for item in fields["dialplan"].items() or []:
-            value = item.string()
-            if value is not None:
-                extra_problems.extend(_load_file(_path(item, value), scope))
-    flows = scope.flows
-    if not flows and "flows" not in fields and "dialplan" not in fields:
-        root.error("missing 'flows' (or 'dialplan' files that define them)")
-    default_flow = fields["default_flow"].string() if "default_flow" in fields else None
-    if default_flow is not None and flows and default_flow not in flows:
-        fields["default_flow"].error(f"no flow named '{default_flow}'")
-    log_days = (fields["log_retention_days"].integer(1, 36500)
-                if "log_retention_days" in fields else 730)
-    key = _secret(fields, "caller_key", required=False, parent=root)
-    recovery = (fields["recovery"].choice(("continue", "hangup"))
-                if "recovery" in fields else "continue")
-    withdrawal = (_withdrawal(fields["withdrawal"]) if "withdrawal" in fields
-                  else WithdrawalSettings())
-    metrics = _metrics(fields["metrics"]) if "metrics" in fields else None
-    purge = _purge(fields["purge"]) if "purge" in fields else PurgeSettings()
-    contacts = {k: _contact(fields[k]) for k in ("controller", "dpo") if k in fields}
-    callers = _callers(fields["callers"]) if "callers" in fields else CallerSettings()
-    lines = problems.sorted() + extra_problems
-    if lines:
-        raise ConfigError(lines)
-    assert database is not None and recordings is not None
-    assert log_days is not None
-    return Settings(
-        source=source.resolve(), ari=ari, ami=ami, database=database, recordings=recordings,
-        prompts_dir=prompts_dir, flows=flows,
-        default_flow=default_flow or next(iter(flows), ""),
-        log_retention_days=log_days, caller_key=key.encode() if key else None,
-        menus=dict(scope.menus), recovery=recovery or "continue",
-        withdrawal=withdrawal or WithdrawalSettings(),
-        metrics=metrics, purge=purge or PurgeSettings(),
-        controller=contacts.get("controller"), dpo=contacts.get("dpo"),
-        callers=callers or CallerSettings(),
-        database_url=database_url, database_password=database_password,
-        node=node or socket.gethostname(),
-    )
-
-
-def _shared_log(fields: dict[str, Field], root: Field) -> tuple[str | None, str | None,
-                                                                 str | None]:
-    """``database: postgresql://user@host:port/dbname``, its password and ``node``."""
-    node = None
-    if "node" in fields:
-        node = fields["node"].string()
-        if node is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node):
-            fields["node"].error("a node name is 1-63 letters, digits, '.', '_' or '-'")
-            node = None
-    text = fields["database"].string() if "database" in fields else None
-    if text is None or not text.startswith(("postgresql://", "postgres://")):
-        for key in ("database_password", "database_password_env", "database_password_file"):
-            if key in fields:
-                fields[key].error("only for a PostgreSQL database (database: postgresql://...)")
-        return None, None, node
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018  # raises on a bad port
-    except ValueError as exc:
-        fields["database"].error(f"not a PostgreSQL URL: {exc}")
-        return None, None, node
-    if parts.password:
-        fields["database"].error("no password in the URL: use database_password_env or "
-                                 "database_password_file")
-    if not parts.path.strip("/"):
-        fields["database"].error("name the database: postgresql://user@host:port/dbname")
-    if not any(k in fields for k in ("caller_key", "caller_key_env", "caller_key_file")):
-        root.error("a shared PostgreSQL log needs caller_key (or _env, _file): every node "
-                   "must pseudonymise callers with the same key")
-    password = _secret(fields, "database_password", required=False, parent=root)
-    return text, password, node
-
-
-
-def _callers(f: Field) -> CallerSettings | None:
-    from consentivr.callers import regions
-
-    fields = f.mapping(optional=("default_region",))
-    if fields is None:
-        return None
-    if "default_region" not in fields:
-        return CallerSettings()
-    value = fields["default_region"].string()
-    if value is None:
-        return None
-    if value.upper() not in regions():
-        fields["default_region"].error(
-            "expected an ISO 3166 region code that has a numbering plan, e.g. NL, BE, DE, GB")
-        return None
-    return CallerSettings(default_region=value.upper())
-
-
-def _ari(f: Field, resolve: bool = True) -> AriSettings | None:
-    fields = f.mapping(required=("url", "username"),
-                       optional=("password", "password_env", "password_file", "app",
-                                 "connections", "timeout", "rest_over_websocket"))
-    if fields is None:
-        return None
-    url = fields["url"].string() if "url" in fields else None
-    if url is not None and not url.startswith(("http://", "https://")):
-        fields["url"].error("expected an http:// or https:// URL")
-        url = None
-    user = fields["username"].string() if "username" in fields else None
-    password = _secret(fields, "password", required=True, parent=f, resolve=resolve)
-    app = fields["app"].name() if "app" in fields else DEFAULT_APP
-    conns = fields["connections"].integer(1, 80) if "connections" in fields else 20
-    timeout = fields["timeout"].seconds() if "timeout" in fields else 10.0
-    over_ws = (_auto_on_off(fields["rest_over_websocket"]) if "rest_over_websocket" in fields
-               else "auto")
-    if None in (url, user, password, app, conns, timeout, over_ws):
-        return None
-    return AriSettings(url=str(url).rstrip("/").removesuffix("/ari"), username=str(user),
-                       password=str(password), app=str(app), connections=int(conns or 1),
-                       timeout=float(timeout or 1), rest_over_websocket=str(over_ws))
-
-
-def _auto_on_off(f: Field) -> str | None:
-    # Read the raw scalar: YAML 1.1 turns an unquoted on/off into a boolean.
-    text = f.node.value if isinstance(f.node, yaml.ScalarNode) else None
-    if isinstance(text, str) and text.lower() in ("auto", "on", "off"):
-        return text.lower()
-    f.error("expected auto, on or off")
-    return None
-
-
-def _ami(f: Field, resolve: bool = True) -> AmiSettings | None:
-    fields = f.mapping(required=("host", "port", "username"),
-                       optional=("password", "password_env", "password_file", "connections",
-                                 "timeout"))
-    if fields is None:
-        return None
-    host = fields["host"].string() if "host" in fields else None
-    port = fields["port"].integer(1, 65535) if "port" in fields else None
-    user = fields["username"].string() if "username" in fields else None
-    password = _secret(fields, "password", required=True, parent=f, resolve=resolve)
-    conns = fields["connections"].integer(1, 16) if "connections" in fields else 2
-    timeout = fields["timeout"].seconds() if "timeout" in fields else 5.0
-    if None in (host, port, user, password, conns, timeout):
-        return None
-    return AmiSettings(host=str(host), port=int(port or 0), username=str(user),
-                       password=str(password), connections=int(conns or 1),
-                       timeout=float(timeout or 1))
-
-
-def _recordings(f: Field) -> RecordingSettings | None:
-    fields = f.mapping(required=("dir",), optional=("dir", "options", "previous_dirs"))
-    if fields is None or "dir" not in fields:
-        return None
-    value = fields["dir"].string()
-    options = fields["options"].string(allow_empty=True) if "options" in fields else "b"
-    if value is None or options is None:
-        return None
-    if not options.isalnum() and options != "":
-        fields["options"].error("expected MixMonitor option letters, e.g. b")
-        return None
-    previous: list[str] = []
-    for item in (fields["previous_dirs"].items() if "previous_dirs" in fields else []):
-        old = item.string()
-        if old is None:
-            continue
-        if not old.startswith("/") or "\0" in old:
-            item.error("expected an absolute path, as the old log rows spell it")
-            continue
-        # As spelled, not resolved: the rows hold the old spelling, symlinks and all.
-        previous.append(os.path.normpath(old))
-    # Not resolved: the dir may be a symlink to a volume, and a symlink that
-    # dangles (the volume not mounted) must still name the same dir. The purge
-    # reads rows under the resolved spelling too (RecordingsDir).
-    base = Path(fields["dir"].problems.file).resolve().parent
-    spelled = Path(os.path.normpath(base / os.path.expanduser(value)))
-    return RecordingSettings(dir=spelled, options=options, previous_dirs=tuple(previous))
-
-
-_FEATURE_KEYS = re.compile(r"[0-9*#A-D]{2,8}")
-
-
-def _withdrawal(f: Field) -> WithdrawalSettings | None:
-    fields = f.mapping(optional=("keys", "on_withdraw", "confirmation"))
-    if fields is None:
-        return None
-    default = WithdrawalSettings()
-    keys: str | None = default.keys
-    if "keys" in fields:
-        keys = fields["keys"].string()
-        if keys is not None and not _FEATURE_KEYS.fullmatch(keys):
-            fields["keys"].error('expected 2 to 8 DTMF keys (0-9, *, #, A-D), e.g. "*9" '
-                                 "(quote it; one key could be pressed by accident)")
-            keys = None
-    action = (fields["on_withdraw"].choice(("delete", "keep")) if "on_withdraw" in fields
-              else default.on_withdraw)
-    sounds: tuple[str, ...] | None = default.confirmation
-    if "confirmation" in fields:
-        names = [n.removeprefix("sound:") for n in fields["confirmation"].strings()]
-        bad = [n for n in names if not _SAFE_PATH.fullmatch(n)]
-        if bad or not names:
-            fields["confirmation"].error(
-                "expected sound names for Playback(), e.g. [beep, cancelled] (letters, "
-                "digits and . / _ - + = @ ~)")
-            sounds = None
-        else:
-            sounds = tuple(names)
-    if keys is None or action is None or sounds is None:
-        return None
-    return WithdrawalSettings(keys=keys, on_withdraw=action, confirmation=sounds)
-
-
-# --- operations: metrics listener and purge textfile --------------------------
-
-_LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:9468`` for IPv6) -> (host, port); raises ValueError."""
-    match = _LISTEN.fullmatch(value.strip())
-    port = int(match["port"]) if match else 0
-    if match is None or not 1 <= port <= 65535:
-        raise ValueError(f"expected host:port, e.g. 127.0.0.1:9468, got {value!r}")
-    return match["host"].strip("[]"), port
-
-
-def _metrics(f: Field) -> MetricsSettings | None:
-    fields = f.mapping(required=("listen",))
-    if fields is None or "listen" not in fields:
-        return None
-    value = fields["listen"].string()
-    if value is None:
-        return None
-    try:
-        host, port = parse_listen(value)
-    except ValueError as exc:
-        fields["listen"].error(str(exc))
-        return None
-    return MetricsSettings(host=host, port=port)
-
-
-def _purge(f: Field) -> PurgeSettings | None:
-    fields = f.mapping(optional=("metrics_file",))
-    if fields is None:
-        return None
-    if "metrics_file" not in fields:
-        return PurgeSettings()
-    value = fields["metrics_file"].string()
-    if value is None:
-        return None
-    if not value.endswith(".prom"):
-        # node_exporter's textfile collector reads only *.prom files.
-        fields["metrics_file"].error("expected a file name ending in .prom "
-                                     "(node_exporter reads only those)")
-        return None
-    return PurgeSettings(metrics_file=_path(fields["metrics_file"], value))
-
-
-_CONTACT_KEYS = ("name", "email", "phone", "address")
-
-
-def _contact(f: Field) -> Contact | None:
-    """``controller:`` or ``dpo:``: a name and how to reach them."""
-    fields = f.mapping(required=("name",), optional=_CONTACT_KEYS)
-    if fields is None:
-        return None
-    values = {k: fields[k].string() for k in _CONTACT_KEYS if k in fields}
-    if "name" not in fields or None in values.values():
-        return None
-    return Contact(**values)  # type: ignore[arg-type]
