@@ -101,6 +101,31 @@ def test_verify_catches_deleted_last_rows_once_a_purge_saw_them(env: Env) -> Non
     assert report.bad_seq == 10 and "deleted" in (report.problem or "")
 
 
+# The anchor check is shared by verify (audit) and the report's parallel check
+# (verifier): both must give the same report, word for word.
+@pytest.mark.parametrize(("sql", "problem"), [
+    ("DELETE FROM calls WHERE seq=10",
+     "purge run 1 saw rows up to seq 10: rows at the end of the log were deleted"),
+    ("UPDATE purge_runs SET head_hash='ab' WHERE head_seq IS NOT NULL",
+     "row seq 10 differs from what purge run 1 saw: the chain was rewritten"),
+])
+def test_a_broken_anchor_reads_the_same_in_both_checks(tmp_path: Path, sql: str,
+                                                        problem: str) -> None:
+    from consentivr.verifier import verify_log
+
+    env = Env(tmp_path)
+    for n in range(1, 11):
+        env.call(file=f"c{n}.wav", decided_at=T0 + n * DAY)
+    env.purge(PurgeOptions(as_of=T0, log_retention_days=730))
+    head = {seq: env.row(seq)["row_hash"] for seq in (9, 10)}
+    tamper(env, sql)
+    rows = 9 if sql.startswith("DELETE") else 10
+    want = ChainReport(rows=rows, head_seq=rows, head_hash=head[rows], redacted=0,
+                       bad_seq=10, problem=problem)
+    assert check(env) == want
+    assert verify_log(env.db, workers=1) == want
+
+
 def test_verify_passes_after_purge_and_erase(env: Env) -> None:
     # Recordings, callback numbers and some rows' personal data all go.
     report = env.purge(PurgeOptions(as_of=T0 + 735 * DAY,

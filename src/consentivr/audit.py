@@ -20,8 +20,8 @@ are checked too, and ``verify`` prints the current head for the DPO to note.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from consentivr.store import GENESIS, PERSONAL_FIELDS, chain_hash, personal_digest
@@ -49,7 +49,9 @@ class ChainReport:
         }
 
 
-def _row_problem(row: dict[str, Any], expected_prev: str, expected_seq: int) -> str | None:
+def row_problem(row: dict[str, Any], expected_prev: str, expected_seq: int) -> str | None:
+    """What is wrong with this row after its predecessor (None: nothing); the reference
+    rule, also :mod:`consentivr.verifier`'s answer for a row its fast path refuses."""
     seq = row["seq"]
     if row["prev_hash"] != expected_prev:
         if seq != expected_seq:
@@ -82,7 +84,7 @@ def verify_chain(conn: sqlite3.Connection,
     rows = redacted = 0
     head_seq: int | None = None
     hashes_at_anchors: dict[int, str] = {}
-    anchors = _anchors(conn)
+    anchors = chain_anchors(conn)
     anchor_seqs = set(anchors)
     cur = conn.execute("SELECT * FROM calls ORDER BY seq")
     while True:
@@ -91,7 +93,7 @@ def verify_chain(conn: sqlite3.Connection,
             break
         for raw in page:
             row = dict(raw)
-            problem = _row_problem(row, expected_prev, expected_seq)
+            problem = row_problem(row, expected_prev, expected_seq)
             if problem is not None:
                 return ChainReport(rows, head_seq, expected_prev, redacted,
                                    bad_seq=row["seq"], bad_call_id=row["call_id"],
@@ -105,20 +107,32 @@ def verify_chain(conn: sqlite3.Connection,
         if progress is not None:
             progress(len(page))
     head_hash = None if head_seq is None else expected_prev
+    return anchored_report(ChainReport(rows, head_seq, head_hash, redacted),
+                           anchors, hashes_at_anchors)
+
+
+def anchored_report(walked: ChainReport, anchors: Mapping[int, tuple[int, str]],
+                    seen: Mapping[int, str]) -> ChainReport:
+    """``walked`` (a walk that found no bad row) checked against the purge anchors.
+
+    ``anchors`` is :func:`chain_anchors`; ``seen`` maps each anchor seq the walk
+    reached to the row_hash it found there. The first anchor that does not hold
+    wins, in seq order.
+    """
     for seq, (run_id, want) in sorted(anchors.items()):
-        got = hashes_at_anchors.get(seq)
+        got = seen.get(seq)
         if got is None:
-            return ChainReport(rows, head_seq, head_hash, redacted, bad_seq=seq,
-                               problem=f"purge run {run_id} saw rows up to seq {seq}: "
-                                       "rows at the end of the log were deleted")
+            return replace(walked, bad_seq=seq,
+                           problem=f"purge run {run_id} saw rows up to seq {seq}: "
+                                   "rows at the end of the log were deleted")
         if got != want:
-            return ChainReport(rows, head_seq, head_hash, redacted, bad_seq=seq,
-                               problem=f"row seq {seq} differs from what purge run {run_id} "
-                                       "saw: the chain was rewritten")
-    return ChainReport(rows, head_seq, head_hash, redacted)
+            return replace(walked, bad_seq=seq,
+                           problem=f"row seq {seq} differs from what purge run {run_id} "
+                                   "saw: the chain was rewritten")
+    return walked
 
 
-def _anchors(conn: sqlite3.Connection) -> dict[int, tuple[int, str]]:
+def chain_anchors(conn: sqlite3.Connection) -> dict[int, tuple[int, str]]:
     """seq -> (run id, row_hash) for every chain head a purge run recorded."""
     try:
         found = conn.execute(

@@ -33,6 +33,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row, tuple_row
 
 from consentivr.errors import StoreError
+from consentivr.logschema import CALLS, PURGE_RUNS, create_table
 from consentivr.messages import DecisionRecord
 from consentivr.schemaversion import Schema, refusal, stamp
 from consentivr.store import GENESIS, CallerKey, chain_hash, personal_digest, public_row
@@ -45,70 +46,10 @@ CONNECT_TIMEOUT = 3  # seconds: a call waits at most DECISION_TIMEOUT (6 s) in a
 TCP_USER_TIMEOUT_MS = 4000  # a server that vanished mid-commit fails the write, not hangs it
 STATEMENT_TIMEOUT_MS = 5000
 
-_CALLS_V1 = """
-CREATE TABLE calls (
-    seq BIGINT PRIMARY KEY,
-    call_id TEXT NOT NULL UNIQUE,
-    node TEXT NOT NULL,
-    uniqueid TEXT,
-    linkedid TEXT,
-    channel TEXT,
-    caller_hash TEXT,
-    caller_number TEXT,
-    flow TEXT NOT NULL,
-    language TEXT NOT NULL,
-    notice_version TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    decided_at TEXT NOT NULL,
-    keys TEXT,
-    decisions TEXT NOT NULL,
-    retention_until TEXT NOT NULL,
-    recording_path TEXT,
-    recording_until TEXT,
-    recording_confirmed INTEGER,
-    recording_error TEXT,
-    recording_started_at TEXT,
-    recording_stopped_at TEXT,
-    withdrawn_at TEXT,
-    withdrawn_by TEXT,
-    callback_until TEXT,
-    outcome TEXT NOT NULL,
-    personal_salt TEXT,
-    personal_digest TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    row_hash TEXT NOT NULL,
-    recording_purged_at TEXT,
-    redacted_at TEXT,
-    erase_requested_at TEXT  -- subject erase on another node: this node's purge finishes it
-)"""
-
-_PURGE_RUNS_V1 = """
-CREATE TABLE purge_runs (
-    id BIGSERIAL PRIMARY KEY,
-    node TEXT,
-    kind TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    as_of TEXT NOT NULL,
-    dry_run INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    recordings_deleted INTEGER NOT NULL DEFAULT 0,
-    recordings_missing INTEGER NOT NULL DEFAULT 0,
-    rows_redacted INTEGER NOT NULL DEFAULT 0,
-    callers_cleared INTEGER NOT NULL DEFAULT 0,
-    orphans_found INTEGER NOT NULL DEFAULT 0,
-    orphans_deleted INTEGER NOT NULL DEFAULT 0,
-    in_progress INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    head_seq BIGINT,
-    head_hash TEXT,
-    summary TEXT
-)"""
-
 POSTGRES = Schema("postgresql", {
     1: (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        _CALLS_V1,
+        create_table("calls", CALLS, "postgresql"),
         "CREATE INDEX calls_caller_hash ON calls(caller_hash)",
         "CREATE INDEX calls_caller_number ON calls(caller_number) "
         "WHERE caller_number IS NOT NULL",
@@ -116,7 +57,7 @@ POSTGRES = Schema("postgresql", {
         "WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL",
         "CREATE INDEX calls_decided_at ON calls(decided_at)",
         "CREATE INDEX calls_uniqueid ON calls(uniqueid)",
-        _PURGE_RUNS_V1,
+        create_table("purge_runs", PURGE_RUNS, "postgresql"),
         "CREATE TABLE purge_items (id BIGSERIAL PRIMARY KEY, "
         "run_id BIGINT NOT NULL REFERENCES purge_runs(id), seq BIGINT, action TEXT NOT NULL, "
         "state TEXT NOT NULL, path TEXT, at TEXT NOT NULL)",

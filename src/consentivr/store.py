@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from consentivr.callers import UNPARSEABLE, WITHHELD, normalise, spellings
 from consentivr.errors import StoreError
+from consentivr.logschema import CALLS, create_table
 from consentivr.messages import DecisionRecord
 from consentivr.paths import (
     check_not_writable_by_others,
@@ -59,40 +60,8 @@ PERSONAL_FIELDS = (
     "uniqueid", "linkedid", "channel", "caller_hash", "caller_number", "keys", "recording_path",
 )
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (
-    seq INTEGER PRIMARY KEY,
-    call_id TEXT NOT NULL UNIQUE,
-    uniqueid TEXT,
-    linkedid TEXT,
-    channel TEXT,
-    caller_hash TEXT,
-    caller_number TEXT,
-    flow TEXT NOT NULL,
-    language TEXT NOT NULL,
-    notice_version TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    decided_at TEXT NOT NULL,
-    keys TEXT,
-    decisions TEXT NOT NULL,
-    retention_until TEXT NOT NULL,
-    recording_path TEXT,
-    recording_until TEXT,
-    recording_confirmed INTEGER,
-    recording_error TEXT,
-    recording_started_at TEXT,
-    recording_stopped_at TEXT,
-    withdrawn_at TEXT,
-    withdrawn_by TEXT,
-    callback_until TEXT,
-    outcome TEXT NOT NULL,
-    personal_salt TEXT,
-    personal_digest TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    row_hash TEXT NOT NULL,
-    recording_purged_at TEXT,
-    redacted_at TEXT
-);
+# The columns are consentivr.logschema.CALLS, shared with the PostgreSQL log.
+_SCHEMA = create_table("calls", CALLS, "sqlite") + """;
 CREATE INDEX IF NOT EXISTS calls_caller_hash ON calls(caller_hash);
 CREATE INDEX IF NOT EXISTS calls_recording_until ON calls(recording_until)
     WHERE recording_path IS NOT NULL AND recording_purged_at IS NULL;

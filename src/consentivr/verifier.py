@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consentivr.audit import ChainReport, _anchors, _row_problem
+from consentivr.audit import ChainReport, anchored_report, chain_anchors, row_problem
 from consentivr.store import GENESIS, PERSONAL_FIELDS, PROOF_FIELDS
 
 # Below this many rows, one segment in this process: starting workers costs more.
@@ -95,7 +95,7 @@ def check_segment(database: str, lo: int, hi: int, anchors: frozenset[int]) -> S
                     full = conn.execute("SELECT * FROM calls WHERE seq = ?", (t[0],))
                     row = dict(zip([c[0] for c in full.description], full.fetchone(),
                                    strict=True))
-                    problem = _row_problem(row, expected_prev, expected_seq)
+                    problem = row_problem(row, expected_prev, expected_seq)
                     if problem is not None:
                         seg.last_hash = expected_prev  # as the sequential walk reports it
                         seg.bad_seq, seg.bad_call_id = row["seq"], row["call_id"]
@@ -121,7 +121,7 @@ def verify_log(database: Path, workers: int | None = None,
     try:
         first, last, count = conn.execute("SELECT min(seq), max(seq), count(*) FROM calls") \
             .fetchone()
-        anchors = _anchors(conn)
+        anchors = chain_anchors(conn)
     finally:
         conn.close()
     marks = frozenset(anchors)
@@ -160,14 +160,4 @@ def _join(segments: list[Segment], anchors: dict[int, tuple[int, str]]) -> Chain
             return ChainReport(rows, head_seq, seg.last_hash, redacted,
                                bad_seq=seg.bad_seq, bad_call_id=seg.bad_call_id,
                                problem=seg.problem)
-    for seq, (run_id, want) in sorted(anchors.items()):
-        got = at_anchors.get(seq)
-        if got is None:
-            return ChainReport(rows, head_seq, head_hash, redacted, bad_seq=seq,
-                               problem=f"purge run {run_id} saw rows up to seq {seq}: "
-                                       "rows at the end of the log were deleted")
-        if got != want:
-            return ChainReport(rows, head_seq, head_hash, redacted, bad_seq=seq,
-                               problem=f"row seq {seq} differs from what purge run {run_id} "
-                                       "saw: the chain was rewritten")
-    return ChainReport(rows, head_seq, head_hash, redacted)
+    return anchored_report(ChainReport(rows, head_seq, head_hash, redacted), anchors, at_anchors)
