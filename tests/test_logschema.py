@@ -17,7 +17,7 @@ import pytest
 
 from consentivr.logschema import CALLS, PURGE_RUNS, Column, create_table
 from consentivr.pgstore import connect, upgrade
-from consentivr.retention import open_log
+from consentivr.purgelog import open_log
 from tests.pg_fixtures import PgServer
 
 # --- version 1, as released -----------------------------------------------------------
@@ -158,7 +158,7 @@ def new_log(tmp_path: Path) -> sqlite3.Connection:
 @pytest.mark.parametrize("table", sorted(TABLES))
 def test_generated_sqlite_table_is_version_1(v1_sqlite: sqlite3.Connection, tmp_path: Path,
                                              table: str) -> None:
-    # purge_runs: SQLite logs still get it from retention.PURGE_SCHEMA, not from here.
+    # purge_runs: SQLite logs get it through purgelog.PURGE_SCHEMA, generated from here.
     generated = sqlite3.connect(tmp_path / "generated.db")
     generated.execute(create_table(table, TABLES[table][0], "sqlite"))
     assert sqlite_shape(generated, table) == sqlite_shape(v1_sqlite, table)

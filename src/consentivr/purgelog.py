@@ -19,32 +19,13 @@ from typing import Any
 
 from consentivr.consentlog import open_reader
 from consentivr.errors import ConsentivrError, StoreError
+from consentivr.logschema import PURGE_RUNS, create_table
 from consentivr.paths import make_private_dir
 from consentivr.store import open_database
 
 # The purge log. Items hold row numbers (seq) and, for orphans, the file's path
 # under the recordings dir (a call id file name): nothing personal.
-PURGE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS purge_runs (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,              -- purge | erase
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    as_of TEXT NOT NULL,
-    dry_run INTEGER NOT NULL,
-    status TEXT NOT NULL,            -- running | done | problems | interrupted
-    recordings_deleted INTEGER NOT NULL DEFAULT 0,
-    recordings_missing INTEGER NOT NULL DEFAULT 0,
-    rows_redacted INTEGER NOT NULL DEFAULT 0,
-    callers_cleared INTEGER NOT NULL DEFAULT 0,
-    orphans_found INTEGER NOT NULL DEFAULT 0,
-    orphans_deleted INTEGER NOT NULL DEFAULT 0,
-    in_progress INTEGER NOT NULL DEFAULT 0,
-    refused INTEGER NOT NULL DEFAULT 0,
-    head_seq INTEGER,                -- the chain head when the run ended: an anchor
-    head_hash TEXT,
-    summary TEXT
-);
+PURGE_SCHEMA = create_table("purge_runs", PURGE_RUNS, "sqlite") + """;
 CREATE TABLE IF NOT EXISTS purge_items (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL REFERENCES purge_runs(id),
