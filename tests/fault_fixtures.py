@@ -2,6 +2,8 @@
 
 - :class:`TcpProxy` sits between consentivr and Asterisk (ARI or AMI): ``cut()`` drops
   every connection as a network hiccup would, ``refuse`` makes it look down.
+  :class:`RestCutProxy` cuts by itself when a given REST request passes on the ARI
+  events websocket, before Asterisk gets it or after Asterisk ran it.
 - :func:`crash` abandons an in-process :class:`~consentivr.service.Service` the way
   ``kill -9`` would: no drain, no continue, no goodbye to Asterisk.
 - :func:`db_lock` holds an exclusive SQLite lock from another connection.
@@ -95,17 +97,28 @@ class TcpProxy:
         pair = (writer, up_writer)
         self._pairs.add(pair)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       upstream: bool) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                    out, cut = self.relay(pair, upstream, data)
+                    if out:
+                        dst.write(out)
+                        await dst.drain()
+                    if cut:
+                        self.cut()
+                        break
             dst.close()
 
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         finally:
             self._pairs.discard(pair)
+
+    def relay(self, conn: object, upstream: bool, data: bytes) -> tuple[bytes, bool]:
+        """What to pass on of ``data`` (client to server if ``upstream``), and whether
+        to cut every connection after it. A subclass may hold bytes back."""
+        return data, False
 
     def cut(self) -> int:
         """Drop every open connection (both directions); return how many."""
@@ -125,6 +138,111 @@ class TcpProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+class _WsFrames:
+    """One direction of a websocket connection, split into frames (RFC 6455): the HTTP
+    upgrade head first, then each frame with its text if it is a whole text frame."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.in_head = True
+
+    def feed(self, data: bytes) -> list[tuple[bytes, str | None]]:
+        self.buf += data
+        out: list[tuple[bytes, str | None]] = []
+        if self.in_head:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return out
+            out.append((self.buf[:end + 4], None))
+            self.buf, self.in_head = self.buf[end + 4:], False
+        while (frame := self._frame()) is not None:
+            out.append(frame)
+        return out
+
+    def _frame(self) -> tuple[bytes, str | None] | None:
+        b = self.buf
+        if len(b) < 2:
+            return None
+        length, pos = b[1] & 0x7F, 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            if len(b) < pos + size:
+                return None
+            length, pos = int.from_bytes(b[pos:pos + size], "big"), pos + size
+        mask = b""
+        if b[1] & 0x80:  # the client's frames are masked
+            if len(b) < pos + 4:
+                return None
+            mask, pos = b[pos:pos + 4], pos + 4
+        if len(b) < pos + length:
+            return None
+        payload = b[pos:pos + length]
+        if mask:
+            payload = bytes(x ^ mask[i % 4] for i, x in enumerate(payload))
+        raw, self.buf = b[:pos + length], b[pos + length:]
+        assert not b[0] & 0x40, "a compressed frame: Asterisk does not compress"
+        whole_text = b[0] & 0x80 and b[0] & 0x0F == 1
+        return raw, payload.decode() if whole_text else None
+
+
+class RestCutProxy(TcpProxy):
+    """A :class:`TcpProxy` that cuts every connection, once, when a ``RESTRequest``
+    whose uri contains ``uri_part`` passes on an ARI events websocket:
+
+    - ``when="request"``: the request is held back, so Asterisk never runs it;
+    - ``when="answer"``: Asterisk runs it; its ``RESTResponse`` is dropped at the cut.
+
+    ``fired`` is set at the cut; ``request`` is the RESTRequest it cut on.
+    """
+
+    def __init__(self, host: str, port: int, uri_part: str, when: str) -> None:
+        super().__init__(host, port)
+        assert when in ("request", "answer")
+        self.uri_part, self.when = uri_part, when
+        self.fired = asyncio.Event()
+        self.request: dict[str, Any] | None = None
+        self._streams: dict[tuple[object, bool], _WsFrames | None] = {}
+
+    def relay(self, conn: object, upstream: bool, data: bytes) -> tuple[bytes, bool]:
+        if self.fired.is_set():
+            return data, False
+        key = (conn, upstream)
+        if key not in self._streams:
+            # Only the events websocket is parsed; plain REST over HTTP passes as it is.
+            is_ws = data.startswith(b"GET /ari/events") if upstream \
+                else self._streams.get((conn, True)) is not None
+            self._streams[key] = _WsFrames() if is_ws else None
+        stream = self._streams[key]
+        if stream is None:
+            return data, False
+        out = b""
+        for raw, text in stream.feed(data):
+            message = _json_object(text)
+            kind = message.get("type")
+            if upstream and kind == "RESTRequest" and self.request is None \
+                    and self.uri_part in str(message.get("uri", "")):
+                self.request = message
+                if self.when == "request":
+                    self.fired.set()
+                    return out, True
+            elif (not upstream and kind == "RESTResponse" and self.request is not None
+                  and message.get("request_id") == self.request.get("request_id")):
+                self.fired.set()
+                return out, True
+            out += raw
+        return out, False
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def committed_yes(bed: Any, channel_id: str) -> str:

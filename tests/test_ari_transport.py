@@ -40,6 +40,9 @@ class FakeAri:
     ``ws_mode``: "answer" (Asterisk 22.3+), "silent" (an older Asterisk ignores the
     message), "refuse" (answers 400 with no request id). Requests whose uri starts with
     ``hang/`` are never answered; ``order`` "reverse" answers a burst last-first.
+    ``drop_on``: the websocket closes on the first RESTRequest whose uri contains it,
+    unanswered; ``drop_after_run``: Asterisk ran it first (only the answer is lost).
+    Plays keep their playback ids in ``playbacks``, as Asterisk does until they end.
     """
 
     def __init__(self, ws_mode: str = "answer") -> None:
@@ -49,6 +52,11 @@ class FakeAri:
         self.sockets: list[web.WebSocketResponse] = []
         self.hold: list[dict[str, Any]] = []  # requests held back (reverse order)
         self.reverse = 0  # answer the next N requests last-first
+        self.drop_on: str | None = None
+        self.drop_after_run = False
+        self.playbacks: set[str] = set()
+        self.started: list[str] = []  # every play run, by playback id
+        self.disconnect_once: set[str] = set()  # HTTP paths that drop the connection once
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -62,6 +70,18 @@ class FakeAri:
             return 200, {"build": {"os": "Linux"}}
         if path.startswith("echo"):
             return 200, {"method": method, "path": path, "body": json.loads(body or "null")}
+        if method == "POST" and "/play/" in path:
+            playback = path.rpartition("/")[2]
+            self.playbacks.add(playback)
+            self.started.append(playback)
+            return 201, {"id": playback, "state": "queued"}
+        if method == "GET" and path.startswith("playbacks/"):
+            playback = path.partition("/")[2]
+            if playback in self.playbacks:
+                return 200, {"id": playback, "state": "playing"}
+            return 404, {"message": "Playback not found"}
+        if path == "channels" and method == "POST":
+            return 200, {"id": "new"}
         return 204, None
 
     async def start(self) -> None:
@@ -76,6 +96,12 @@ class FakeAri:
                 if data.get("type") != "RESTRequest":
                     continue
                 self.ws.append(data)
+                if self.drop_on is not None and self.drop_on in data["uri"]:
+                    self.drop_on = None
+                    if self.drop_after_run:
+                        self._response(data)  # ran, but the answer never leaves
+                    await ws.close()
+                    break
                 if self.ws_mode == "silent" or data["uri"].startswith("hang/"):
                     continue
                 if self.ws_mode == "refuse":
@@ -97,6 +123,12 @@ class FakeAri:
 
         async def rest(request: web.Request) -> web.StreamResponse:
             self.http.append(f"{request.method} {request.raw_path}")
+            if request.match_info["tail"] in self.disconnect_once:
+                # As a keep-alive connection Asterisk closed: no answer at all.
+                self.disconnect_once.discard(request.match_info["tail"])
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)
             status, body = self.answer_for(request.method, request.match_info["tail"],
                                            await request.text())
             if body is None:
@@ -395,6 +427,90 @@ def test_losing_the_websocket_fails_waiting_requests_at_once_and_http_takes_over
     assert out["http_after_drop"] == ["GET /ari/hang/b"]
     assert out["after_reconnect"] == "websocket"
     assert out["answer_over"] == "channels/ch-2/answer"
+
+
+# (name, call, uri part to drop on, ran before the drop, result or error, HTTP after)
+LOST: list[tuple[str, Callable[[AriClient], Awaitable[Any]], str, bool, Any, list[str]]] = [
+    # Repeat-safe: sent again over HTTP, and the caller gets the answer.
+    ("answer", lambda c: c.answer("ch"), "/answer", True, None,
+     ["POST /ari/channels/ch/answer"]),
+    ("variable", lambda c: c.set_variable("ch", "X", "1"), "/variable", True, None,
+     ["POST /ari/channels/ch/variable?variable=X&value=1"]),
+    ("event filter", lambda c: c.request("PUT", "/applications/a/eventFilter",
+                                         body={"allowed": []}), "eventFilter", True, None,
+     ["PUT /ari/applications/a/eventFilter"]),
+    # A play: Asterisk would take the same playback id again and play it twice, so the
+    # client asks for the playback first, and plays only if it is not there.
+    ("play, lost before Asterisk ran it",
+     lambda c: c.request("POST", "/channels/ch/play/pb-1", {"media": "sound:x"}),
+     "/play/", False, {"id": "pb-1", "state": "queued"},
+     ["GET /ari/playbacks/pb-1", "POST /ari/channels/ch/play/pb-1?media=sound:x"]),
+    ("play, answer lost after Asterisk ran it",
+     lambda c: c.request("POST", "/channels/ch/play/pb-1", {"media": "sound:x"}),
+     "/play/", True, {"id": "pb-1", "state": "playing"},
+     ["GET /ari/playbacks/pb-1"]),
+    # May move or create a channel, or act twice: fails closed, never sent again.
+    ("continue", lambda c: c.continue_in_dialplan("ch"), "/continue", True,
+     "ARI POST /channels/ch/continue: the events websocket closed before the answer", []),
+    ("originate", lambda c: c.originate("Local/s@x", APP), "channels?", True,
+     "ARI POST /channels: the events websocket closed before the answer", []),
+    ("dtmf", lambda c: c.send_dtmf("ch", "1"), "/dtmf", True,
+     "ARI POST /channels/ch/dtmf: the events websocket closed before the answer", []),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "drop_on", "ran", "expected", "http"), LOST,
+                         ids=[c[0] for c in LOST])
+def test_a_request_cut_off_by_the_websocket_goes_again_only_if_repeat_safe(
+    name: str, call: Callable[[AriClient], Awaitable[Any]], drop_on: str, ran: bool,
+    expected: Any, http: list[str],
+) -> None:
+    """The server closes the websocket on the request, unanswered (issue: a network
+    blip during the menu's first play cost the caller the menu)."""
+    async def main() -> tuple[Any, list[str], list[str]]:
+        async with fake_and_client(timeout=10) as (server, client), Consumer(client):
+            assert await client.rest_transport() == "websocket"
+            server.drop_on, server.drop_after_run = drop_on, ran
+            try:
+                result = await asyncio.wait_for(call(client), 5)
+            except AriError as exc:
+                result = str(exc)
+            assert server.drop_on is None, "the request went on the websocket"
+            return result, server.http, server.started
+
+    result, seen, started = asyncio.run(main())
+    assert result == expected
+    assert seen == http
+    if "/play/" in drop_on:
+        assert started == ["pb-1"], "the prompt must play once, not twice"
+
+
+@pytest.mark.parametrize(("call", "path", "tries", "error"), [
+    (lambda c: c.channel("ch"), "channels/ch", 2, None),
+    (lambda c: c.answer("ch"), "channels/ch/answer", 2, None),
+    (lambda c: c.set_variable("ch", "X", "1"), "channels/ch/variable", 2, None),
+    (lambda c: c.continue_in_dialplan("ch"), "channels/ch/continue", 1,
+     "ARI POST /channels/ch/continue: ServerDisconnectedError"),
+    # Over HTTP there is no cheap "did it start?" before a retry: fails closed.
+    (lambda c: c.play("ch", "pb-1", ("sound:x",)), "channels/ch/play/pb-1", 1,
+     "ARI POST /channels/ch/play/pb-1: ServerDisconnectedError"),
+], ids=["get", "answer", "variable", "continue", "play"])
+def test_a_dropped_http_connection_is_retried_only_if_repeat_safe(
+    call: Callable[[AriClient], Awaitable[Any]], path: str, tries: int, error: str | None,
+) -> None:
+    async def main() -> tuple[str | None, int]:
+        async with fake_and_client(mode="off") as (server, client):
+            server.disconnect_once.add(path)
+            try:
+                await call(client)
+                outcome = None
+            except AriError as exc:
+                outcome = str(exc)
+            return outcome, sum(1 for r in server.http if f"/ari/{path}" in r)
+
+    outcome, sent = asyncio.run(main())
+    assert outcome == error
+    assert sent == tries
 
 
 def test_rest_responses_never_reach_the_event_consumer(codec: str) -> None:

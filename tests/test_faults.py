@@ -9,17 +9,20 @@ full, read-only) and Asterisk (a restart, on a PBX of its own).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import os
 import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -56,6 +59,7 @@ from tests.fault_fixtures import (
     FakeAri,
     FakeCommitter,
     FakeRecorder,
+    RestCutProxy,
     TcpProxy,
     committed_yes,
     crash,
@@ -941,9 +945,8 @@ def test_events_websocket_cut_the_call_goes_on(
         await bed.start_service()
         assert bed.service is not None
         call = await bed.call()
-        # Cut while the flow waits for the answer, with no REST request in flight. A
-        # request in flight on the websocket when it drops fails, and the call goes on
-        # fail-closed (unrecorded); retrying it is left for a later change.
+        # Cut while the flow waits for the answer, with no REST request in flight (a
+        # request in flight: test_events_websocket_cut_with_a_play_in_flight_...).
         await bed.wait_phase(call, Phase.QUESTION_WAIT, 0)
         bed.service.connected.clear()
         assert proxy.cut() >= 1
@@ -962,6 +965,89 @@ def test_events_websocket_cut_the_call_goes_on(
     assert row["decisions"] == {"recording": "yes", "callback": "no"}
     assert row["recording_confirmed"] == 1
     assert "ARI events reconnected" in caplog.text
+
+
+@pbx_tests
+@pytest.mark.parametrize(("when", "keys", "seen", "resent"), [
+    # Asterisk never got the play: asked for over HTTP, not there, played over HTTP.
+    ("request", "12", "yes/yes/yes/no/en", "sent again over HTTP"),
+    # Asterisk ran the play, its answer was lost: the playback is there, not replayed
+    # (Asterisk would take the same playback id again and play the notice twice).
+    ("answer", "21", "yes/no/no/yes/en", "the playback is there"),
+])
+def test_events_websocket_cut_with_a_play_in_flight_the_call_gets_its_menu(
+    bed_factory: Callable[..., Testbed], caplog: pytest.LogCaptureFixture,
+    when: str, keys: str, seen: str, resent: str,
+) -> None:
+    """The race a fresh-clone CI run once met: the websocket drops while the notice's
+    ``play`` is in flight on it. The play goes again over HTTP only if Asterisk has no
+    such playback, the caller still gets the menu, and the answer counts as given."""
+    caplog.set_level(logging.INFO)
+    bed = bed_factory(flow_yaml(timeout=8.0))
+    proxy = RestCutProxy(*_host_port(bed.endpoints.ari_url), uri_part="/play/", when=when)
+
+    async def scenario(bed: Testbed) -> tuple[str, str, str | None, list[str]]:
+        await proxy.start()
+        bed.settings = _via(bed.settings, ari_url=proxy.url)
+        await bed.start_service()
+        assert bed.service is not None and bed.service.ari is not None
+        assert await bed.service.ari.rest_transport() == "websocket"
+        async with playbacks_started(bed) as started:
+            bed.service.connected.clear()
+            call = await bed.call()
+            await asyncio.wait_for(proxy.fired.wait(), 15)
+            await asyncio.wait_for(bed.service.connected.wait(), 15)
+            await answer_keys(bed, call, keys)
+            await bed.wait_left_app(call)
+            call_id, reached = await dest_for(bed, call.stasis_id)
+            await bed.channel_gone(call.stasis_id)
+        await proxy.close()
+        return call.stasis_id, call_id, reached, started
+
+    stasis_id, call_id, reached, started = run(bed, scenario, with_service=False)
+    assert proxy.request is not None
+    notice = f"{stasis_id}-p1"
+    assert proxy.request["uri"].startswith(f"channels/{stasis_id}/play/{notice}?")
+    assert started.count(notice) == 1, "the notice plays once, not twice"
+    assert f"{resent}" in caplog.text
+    assert "ARI events reconnected" in caplog.text
+    [row] = rows(bed.settings.database)
+    assert row["uniqueid"] == stasis_id
+    want = {"1": "yes", "2": "no"}
+    assert row["decisions"] == {"recording": want[keys[0]], "callback": want[keys[1]]}
+    assert reached == seen
+    recordings = {p.name for p in bed.recordings_dir.iterdir()}
+    if keys[0] == "1":
+        assert row["recording_confirmed"] == 1
+        assert recordings == {f"{call_id}.wav"}
+    else:
+        assert row["recording_path"] is None
+        assert recordings == set()
+
+
+@contextlib.asynccontextmanager
+async def playbacks_started(bed: Testbed) -> AsyncIterator[list[str]]:
+    """The ids of every playback Asterisk starts meanwhile, seen straight from Asterisk
+    (not through the proxy) by an app subscribed to everything."""
+    ep = bed.endpoints
+    started: list[str] = []
+    auth = base64.b64encode(f"{ep.ari_user}:{ep.ari_password}".encode()).decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {auth}"}) as session, \
+            session.ws_connect(f"{ep.ari_url}/ari/events",
+                               params={"app": "cvr-watch", "subscribeAll": "true"}) as ws:
+        async def read() -> None:
+            async for msg in ws:
+                event = json.loads(msg.data)
+                if event.get("type") == "PlaybackStarted":
+                    started.append(event["playback"]["id"])
+
+        reader = asyncio.create_task(read())
+        try:
+            yield started
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -11,6 +11,9 @@ their pool, hard-code a tiny pool, or die on one network error.
   them (Asterisk 22.3+, 21.8+, 20.13+; ``ari.rest_over_websocket``): no HTTP request
   and response per command. A probe at every connect decides; until it has answered,
   and whenever the websocket is down, the same calls go over HTTP.
+- A request whose answer was lost with the websocket (or a keep-alive connection)
+  goes again over HTTP only if repeating it is harmless (``_AGAIN``: reads, answer,
+  variables, a play Asterisk does not have); the others fail closed.
 - It decides nothing: the app layer maps events to the pure call flow.
 """
 
@@ -52,6 +55,36 @@ _QUERY_SAFE = ":,/@"
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~:,/@-]*")
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*")
 _CLOSED: Any = object()  # the events queue's end marker
+
+# What a request may do when it cannot know whether Asterisk ran it: the events
+# websocket went away before the answer, or (over HTTP) the keep-alive connection did.
+# Only requests whose repeat changes nothing go again, over HTTP; any other (continue,
+# originate, dtmf, ...) fails closed with AriError, as a repeat could act twice.
+# Checked on Asterisk 22.10.1 (docs/reliability.md).
+RESEND = "resend"
+RESEND_IF_NO_PLAYBACK = "resend if no playback"
+_AGAIN: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("GET", re.compile(r"/.*"), RESEND),  # a read
+    # A second DELETE finds nothing: 404, which hangup and stop_playback take as done.
+    ("DELETE", re.compile(r"/.*"), RESEND),
+    # Answering an Up channel answers 204 again, and does nothing.
+    ("POST", re.compile(r"/channels/[^/]+/answer"), RESEND),
+    # The same value set twice is the same value.
+    ("POST", re.compile(r"/channels/[^/]+/variable"), RESEND),
+    ("PUT", re.compile(r"/applications/[^/]+/eventFilter"), RESEND),  # the same filter
+    # Asterisk takes an id that is already playing (201) and queues a second playback
+    # under it: the prompt would play twice. Ask for our playback first.
+    ("POST", re.compile(r"/channels/[^/]+/play/(?P<playback>[^/]+)"), RESEND_IF_NO_PLAYBACK),
+)
+
+
+def again(method: str, path: str) -> tuple[str, str] | None:
+    """(what to do, playback id or "") for a request that may or may not have run, or
+    None: it must not go again."""
+    for verb, pattern, action in _AGAIN:
+        if verb == method and (match := pattern.fullmatch(path)) is not None:
+            return action, match.groupdict().get("playback") or ""
+    return None
 
 
 class _WebsocketLost(Exception):
@@ -141,18 +174,38 @@ class AriClient:
         """One REST call. ``ok_missing``: a 404 is fine (e.g. stopping a finished playback).
 
         On the events websocket when it takes REST requests, else over HTTP; the
-        answers and errors are the same either way. A GET or DELETE that meets a
-        dropped keep-alive connection (Asterisk restarted) or a lost websocket is tried
-        once more over HTTP; other methods are not, as they may have taken effect.
+        answers and errors are the same either way. A request that meets a lost
+        websocket, or a dropped keep-alive connection (Asterisk restarted), may have
+        taken effect: it goes again over HTTP only if :func:`again` says a repeat is
+        harmless, else it fails.
         """
         ws = self._rest_ws
         if ws is not None:
             try:
                 return await self._ws_request(ws, method, path, params, body, ok_missing)
+            except _NotSent:
+                pass  # never left: HTTP sends it once
             except _WebsocketLost as exc:
-                if method not in ("GET", "DELETE") and not isinstance(exc, _NotSent):
-                    raise AriError(f"ARI {method} {path}: the events websocket closed "
-                                   "before the answer") from exc
+                return await self._resend(method, path, params, body, ok_missing, exc)
+        return await self._http_request(method, path, params, body, ok_missing)
+
+    async def _resend(self, method: str, path: str, params: Params | None, body: Any,
+                      ok_missing: bool, lost: _WebsocketLost) -> Any:
+        """The websocket went away before the answer: over HTTP if a repeat is harmless."""
+        rule = again(method, path)
+        if rule is None:
+            raise AriError(f"ARI {method} {path}: the events websocket closed "
+                           "before the answer") from lost
+        action, playback = rule
+        if action == RESEND_IF_NO_PLAYBACK:
+            found = await self._http_request("GET", f"/playbacks/{playback}", None, None,
+                                             True)
+            if found is not None:  # it did start: the answer to the play is the playback
+                log.info("ARI %s %s: the events websocket closed before the answer; the "
+                         "playback is there", method, path)
+                return found
+        log.info("ARI %s %s: the events websocket closed before the answer; sent again "
+                 "over HTTP", method, path)
         return await self._http_request(method, path, params, body, ok_missing)
 
     async def _http_request(self, method: str, path: str, params: Params | None, body: Any,
@@ -161,8 +214,7 @@ class AriClient:
         query = {k: str(v) for k, v in (params or {}).items()}
         data = None if body is None else dumps(body)
         headers = None if body is None else {"Content-Type": "application/json"}
-        attempts = 2 if method in ("GET", "DELETE") else 1
-        for attempt in range(attempts):
+        for attempt in range(2):
             self.requests["http"] += 1
             try:
                 async with self.session.request(method, url, params=query, data=data,
@@ -181,7 +233,9 @@ class AriClient:
                 raise AriError(
                     f"ARI {method} {path}: no answer in {self.settings.timeout:g}s") from exc
             except aiohttp.ClientConnectionError as exc:
-                if attempt + 1 < attempts:
+                # A keep-alive connection Asterisk closed: did the request run? Once
+                # more only if a repeat is harmless (a play's check is not worth it here).
+                if attempt == 0 and (rule := again(method, path)) and rule[0] == RESEND:
                     continue
                 raise AriError(f"ARI {method} {path}: {type(exc).__name__}") from exc
             except aiohttp.ClientError as exc:
