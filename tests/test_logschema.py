@@ -121,19 +121,22 @@ def sqlite_shape(conn: sqlite3.Connection, table: str) -> dict[str, Any]:
     }
 
 
+POSTGRES_SHAPE = {
+    "columns": "SELECT ordinal_position, column_name, data_type, is_nullable, column_default "
+               "FROM information_schema.columns WHERE table_schema = current_schema() "
+               "AND table_name = %s ORDER BY ordinal_position",
+    "constraints": "SELECT conname, contype, pg_get_constraintdef(oid) AS def "
+                   "FROM pg_constraint WHERE conrelid = %s::regclass ORDER BY conname",
+}
+
+
 def postgres_shape(url: str, password: str, table: str) -> dict[str, Any]:
     conn = connect(url, password)
     try:
-        columns = conn.execute(
-            "SELECT ordinal_position, column_name, data_type, is_nullable, column_default "
-            "FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = %s ORDER BY ordinal_position", (table,)).fetchall()
-        constraints = conn.execute(
-            "SELECT conname, contype, pg_get_constraintdef(oid) AS def FROM pg_constraint "
-            "WHERE conrelid = %s::regclass ORDER BY conname", (table,)).fetchall()
+        return {what: conn.execute(sql, (table,)).fetchall()
+                for what, sql in POSTGRES_SHAPE.items()}
     finally:
         conn.close()
-    return {"columns": columns, "constraints": constraints}
 
 
 # --- SQLite ---------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -45,6 +46,8 @@ from consentivr.validation import (
 
 # --- secrets ----------------------------------------------------------------
 
+
+T = TypeVar("T")
 
 def _secret(fields: dict[str, Field], name: str, required: bool, parent: Field,
             resolve: bool = True) -> str | None:
@@ -223,20 +226,29 @@ def _shared_log(fields: dict[str, Field], root: Field) -> tuple[str | None, str 
 
 
 
-def _callers(f: Field) -> CallerSettings | None:
-    from consentivr.callers import regions
-
-    fields = f.mapping(optional=("default_region",))
+def _section(f: Field, key: str, default: T,
+             read: Callable[[Field, str], T | None]) -> T | None:
+    """A section with one optional key: ``default`` without it, ``read(field, value)``
+    with it; None (a problem was recorded) when the section or the value is wrong."""
+    fields = f.mapping(optional=(key,))
     if fields is None:
         return None
-    if "default_region" not in fields:
-        return CallerSettings()
-    value = fields["default_region"].string()
-    if value is None:
-        return None
+    if key not in fields:
+        return default
+    value = fields[key].string()
+    return None if value is None else read(fields[key], value)
+
+
+def _callers(f: Field) -> CallerSettings | None:
+    return _section(f, "default_region", CallerSettings(), _region)
+
+
+def _region(f: Field, value: str) -> CallerSettings | None:
+    from consentivr.callers import regions
+
     if value.upper() not in regions():
-        fields["default_region"].error(
-            "expected an ISO 3166 region code that has a numbering plan, e.g. NL, BE, DE, GB")
+        f.error("expected an ISO 3166 region code that has a numbering plan, "
+                "e.g. NL, BE, DE, GB")
         return None
     return CallerSettings(default_region=value.upper())
 
@@ -385,20 +397,15 @@ def _metrics(f: Field) -> MetricsSettings | None:
 
 
 def _purge(f: Field) -> PurgeSettings | None:
-    fields = f.mapping(optional=("metrics_file",))
-    if fields is None:
-        return None
-    if "metrics_file" not in fields:
-        return PurgeSettings()
-    value = fields["metrics_file"].string()
-    if value is None:
-        return None
+    return _section(f, "metrics_file", PurgeSettings(), _purge_textfile)
+
+
+def _purge_textfile(f: Field, value: str) -> PurgeSettings | None:
     if not value.endswith(".prom"):
         # node_exporter's textfile collector reads only *.prom files.
-        fields["metrics_file"].error("expected a file name ending in .prom "
-                                     "(node_exporter reads only those)")
+        f.error("expected a file name ending in .prom (node_exporter reads only those)")
         return None
-    return PurgeSettings(metrics_file=field_path(fields["metrics_file"], value))
+    return PurgeSettings(metrics_file=field_path(f, value))
 
 
 _CONTACT_KEYS = ("name", "email", "phone", "address")
