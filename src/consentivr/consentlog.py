@@ -52,7 +52,7 @@ def caller_key_for(settings: Settings) -> CallerKey:
     from consentivr.store import CallerKey, load_or_create_key
 
     if settings.database_url is not None:
-        # config.py insists on a configured key for a shared log: no key file per node.
+        # configfile.py insists on a configured key for a shared log: no key file per node.
         assert settings.caller_key is not None
         return CallerKey(settings.caller_key, settings.callers.default_region)
     return load_or_create_key(settings.database, settings.caller_key,

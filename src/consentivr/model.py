@@ -1,6 +1,6 @@
 """What a call flow is: frozen dataclasses built by the config loader.
 
-Nothing here does I/O. The loader (``config.py``) fills these from YAML; the pure
+Nothing here does I/O. The loader (``flowfile.py``) fills these from YAML; the pure
 call flow (``flow.py``) reads them.
 """
 

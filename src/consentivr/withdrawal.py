@@ -170,7 +170,7 @@ def delete_recording(recordings_dir: Path, path: str,
     """Unlink one recording safely (no symlinks, nothing outside the dir).
 
     Returns ``("deleted" | "gone" | "refused", detail)``. Raises
-    :class:`~consentivr.retention.RecordingsUnavailable` when the dir cannot be
+    :class:`~consentivr.recordingsdir.RecordingsUnavailable` when the dir cannot be
     opened: a file on a volume not mounted is not "gone".
     """
     with RecordingsDir(recordings_dir, previous_dirs) as rec:
