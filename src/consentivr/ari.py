@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import random
 import re
@@ -34,6 +33,7 @@ import aiohttp
 from consentivr.accelerators import dumps, loads
 from consentivr.errors import AriError
 from consentivr.settings import AriSettings
+from consentivr.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -496,9 +496,7 @@ class AriClient:
                         while (event := await queue.get()) is not _CLOSED:
                             yield event
                     finally:
-                        reader.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await reader
+                        await cancel_and_wait(reader)
                 lost_at = loop.time()
                 log.warning("ARI events connection for app %s lost; reconnecting", app)
                 if on_lost is not None:

@@ -26,6 +26,7 @@ from consentivr.errors import ConsentivrError
 from consentivr.flow import late_commit
 from consentivr.logformat import decision_fields
 from consentivr.messages import Clock, DecisionLogged, DecisionRecord, LateWrite
+from consentivr.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,5 @@ class ConsentWriter:
         if self._task is None:
             return
         await self.late.flush(timeout)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None

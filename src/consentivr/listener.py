@@ -28,6 +28,7 @@ from consentivr.ami import AmiProtocol
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.features import NOTE_PREFIX
 from consentivr.settings import Settings
+from consentivr.tasks import cancel_and_wait
 from consentivr.tracker import (
     Command,
     Mute,
@@ -140,10 +141,7 @@ class RecordingListener:
             self._manager.close()
             self._manager.connection_lost = lambda exc: None  # type: ignore[method-assign]
         for task in [self._task, *self._tasks]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         await asyncio.get_running_loop().run_in_executor(self._db, self._close_log)
         self._db.shutdown(wait=True)
 

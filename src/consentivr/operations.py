@@ -15,13 +15,13 @@ serve, AMI when configured, the log); ``STATUS=`` follows every change after tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 
 from consentivr.exporter import Exporter
 from consentivr.metrics import Metrics
 from consentivr.notify import Notifier
 from consentivr.settings import MetricsSettings, Settings
+from consentivr.tasks import cancel_and_wait
 
 
 class Operations:
@@ -53,9 +53,7 @@ class Operations:
     async def stop(self) -> None:
         self.notifier.stopping()
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait(self._watchdog)
             self._watchdog = None
         if self.exporter is not None:
             await self.exporter.stop()

@@ -45,6 +45,7 @@ from consentivr.store import (
     GroupCommitter,
     database_is_world_readable,
 )
+from consentivr.tasks import cancel_and_wait
 from consentivr.withdrawalpath import RecordingGate
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,7 @@ class Service:
 
     async def stop(self, drain: float = 5.0) -> None:
         if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            await cancel_and_wait(self._pump)
         if self.app is not None:
             await self.app.drain(timeout=drain)
         if self.agi is not None:
