@@ -201,6 +201,12 @@ class RecordingListener:
         else:
             log.error("%s: recordings are not started until it works", reason)
 
+    @property
+    def events_dropped(self) -> int:
+        """Events that reached us but that we do not read (Asterisk's Filter should
+        have kept them out)."""
+        return self._manager.events_dropped if self._manager is not None else 0
+
     async def probe(self, token: str, timeout: float = 3.0) -> bool:
         """Send a UserEvent and wait until it comes back on our event stream."""
         return await self._probe.probe(self.action, token, timeout)
