@@ -1,9 +1,13 @@
 """The AMI event listener for recordings: withdrawal by key, hold muting, actual times.
 
 Its own AMI connection with events on (the action pool runs with events off),
-filtered to the few events :class:`~consentivr.tracker.RecordingTracker` reads.
-Events are handled one at a time, in order, by one task: the tracker decides, this
-module acts (AMI actions, consent log updates on one writer thread, file deletion).
+filtered to the few events :class:`~consentivr.tracker.RecordingTracker` reads (by
+Asterisk, with the ``Filter`` action; what still comes is read without panoramisk's
+parser, see :class:`~consentivr.ami.EventManager`). Events are handled one at a time,
+in order, by one task: the tracker decides, this module acts (AMI actions, consent log
+updates, file deletion). Withdrawals are written on our own connection and are durable
+before they are reported; recording times nobody waits for share the commits of the
+service's decision rows (lazy writes of :class:`~consentivr.store.GroupCommitter`).
 Nothing here can end a call or the service: every failure is logged and skipped.
 
 On every (re)login it also picks up withdrawals the dialplan noted (a global

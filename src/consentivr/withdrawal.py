@@ -87,6 +87,8 @@ class RecordingLog:
     """The consent log columns written after the decision: withdrawal and recording times.
 
     Short transactions on its own connection (WAL: the service's writer keeps going).
+    In the service only withdrawals and reads go here; the recording times share the
+    group committer's batches (:meth:`consentivr.store.ConsentLog.recording_started`).
     """
 
     def __init__(self, path: Path, conn: Any = None) -> None:
