@@ -19,11 +19,12 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from panoramisk import Manager
 from panoramisk.ami_protocol import AMIProtocol
+from panoramisk.message import Message
 
 from consentivr.errors import AmiError
 from consentivr.settings import AmiSettings
@@ -80,6 +81,78 @@ class AmiProtocol(AMIProtocol):  # type: ignore[misc]  # panoramisk is untyped
             self._lost_early = exc
             return
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """With an :class:`EventManager`, events go to it as plain dicts, and only the
+        ones it wants: panoramisk's ``Message`` (a case-insensitive dict, built line by
+        line) and its pattern dispatch cost more than everything else the recording
+        listener does with an event. Responses, and events that answer an action
+        (they carry its ActionID), still go through panoramisk."""
+        manager = self.factory
+        if not isinstance(manager, EventManager):
+            super().data_received(data)
+            return
+        text = data.decode(getattr(self, "encoding", "ascii"), "ignore")
+        if self.version is None and text.startswith("Asterisk Call Manager/"):
+            self.version = text.partition(EOL)[0].partition("/")[2].strip()
+        if self.queue:
+            text = self.queue.popleft() + text
+        blocks = text.split(EOL + EOL)
+        self.queue.append(blocks.pop())
+        wanted = manager.events_wanted
+        for block in blocks:
+            block = block.strip()
+            if block.startswith("Event: ") and "\nActionID: " not in block:
+                name = block[7:block.find(EOL)] if EOL in block else block[7:]
+                if name != "Shutdown":  # panoramisk reconnects on that one
+                    if wanted is None or name in wanted:
+                        manager.on_event(parse_event(block))
+                    else:
+                        manager.events_dropped += 1
+                    continue
+            message = Message.from_line(block)
+            if message is not None:
+                self.handle_message(message)
+
+
+EOL = "\r\n"
+
+
+def parse_event(block: str) -> dict[str, str]:
+    """An AMI event's ``Key: value`` lines as a dict (a repeated key keeps its first value)."""
+    fields: dict[str, str] = {}
+    for line in block.split(EOL):
+        key, sep, value = line.partition(": ")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+class EventManager(Manager):  # type: ignore[misc]  # panoramisk is untyped
+    """A panoramisk Manager that hands unsolicited events to ``on_event`` as plain
+    dicts, only those named in ``events_wanted`` (None: all); actions work as usual.
+
+    The others are dropped after reading their first line, before any parsing.
+    """
+
+    def __init__(self, on_event: Callable[[dict[str, str]], None],
+                 events_wanted: Collection[str] | None = None, **config: Any) -> None:
+        super().__init__(protocol_factory=AmiProtocol, **config)
+        self.on_event = on_event
+        self.events_wanted = None if events_wanted is None else frozenset(events_wanted)
+        self.events_dropped = 0  # received but not wanted: Asterisk's filter let them by
+
+    def dispatch(self, event: Any) -> list[str]:
+        """An event panoramisk parsed (one carrying an ActionID, e.g. from the
+        UserEvent action): the same plain dict."""
+        name = event.get("Event")
+        if self.events_wanted is None or name in self.events_wanted:
+            # Message keeps (key, value) pairs in _store, in the case they came in.
+            store = getattr(event, "_store", None)
+            pairs = store.values() if isinstance(store, dict) else event.items()
+            self.on_event({str(k): str(v) for k, v in pairs if k != "content"})
+        return []
+
 
 # Never replayed by panoramisk after a reconnect (see the module docstring).
 _OURS = ("ping", "login", "logoff", "mixmonitor", "stopmixmonitor", "mixmonitormute")

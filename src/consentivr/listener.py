@@ -1,9 +1,13 @@
 """The AMI event listener for recordings: withdrawal by key, hold muting, actual times.
 
 Its own AMI connection with events on (the action pool runs with events off),
-filtered to the few events :class:`~consentivr.tracker.RecordingTracker` reads.
-Events are handled one at a time, in order, by one task: the tracker decides, this
-module acts (AMI actions, consent log updates on one writer thread, file deletion).
+filtered to the few events :class:`~consentivr.tracker.RecordingTracker` reads (by
+Asterisk, with the ``Filter`` action; what still comes is read without panoramisk's
+parser, see :class:`~consentivr.ami.EventManager`). Events are handled one at a time,
+in order, by one task: the tracker decides, this module acts (AMI actions, consent log
+updates, file deletion). Withdrawals are written on our own connection and are durable
+before they are reported; recording times nobody waits for share the commits of the
+service's decision rows (lazy writes of :class:`~consentivr.store.GroupCommitter`).
 Nothing here can end a call or the service: every failure is logged and skipped.
 
 On every (re)login it also picks up withdrawals the dialplan noted (a global
@@ -24,7 +28,7 @@ from typing import Any, Protocol
 
 from panoramisk import Manager
 
-from consentivr.ami import AmiProtocol
+from consentivr.ami import EventManager
 from consentivr.errors import AmiError, ConsentivrError
 from consentivr.features import NOTE_PREFIX
 from consentivr.settings import Settings
@@ -61,14 +65,25 @@ EVENTS = (
     "LocalBridge", "Hold", "Unhold", "MusicOnHoldStart", "MusicOnHoldStop", "Hangup",
     "Rename",
 )
-# Asterisk matches a Filter regex against the event text: fewer events cross the wire.
-EVENT_FILTER = f"Event: ({'|'.join(EVENTS)})"
-_WANTED = frozenset(EVENTS)
+# Asterisk matches a Filter regex (POSIX extended, glibc) against the whole text of
+# every event: fewer events cross the wire. Asterisk writes "Privilege: " right after
+# the "Event: " line, so the name is matched whole (HangupRequest, 2 per call, stays
+# out) without a bracket class like [[:space:]]: under a UTF-8 locale glibc runs those
+# about 7 times slower, and Asterisk pays that for every event of every call.
+EVENT_FILTER = f"Event: ({'|'.join(EVENTS)})..Privilege: "
 # After a delete, MixMonitor's own thread may still be closing the file.
 RECHECK_DELETE = 2.0
 # How far back to look for withdrawals made while we were away: longer than any call.
 CATCH_UP_SECONDS = 86400.0
 Clock = Callable[[], float]
+
+
+class TimeCommitter(Protocol):
+    """What the listener needs of :class:`consentivr.store.GroupCommitter`."""
+
+    def submit(self, kind: str, payload: Any,
+               lazy: bool = False) -> concurrent.futures.Future[None]: ...
+    def flush(self) -> concurrent.futures.Future[None]: ...
 
 
 class ListenerObserver(Protocol):
@@ -84,8 +99,13 @@ class RecordingListener:
 
     def __init__(self, settings: Settings, clock: Clock = time.time,
                  observer: ListenerObserver | None = None,
-                 gate: RecordingGate | None = None) -> None:
+                 gate: RecordingGate | None = None,
+                 committer: TimeCommitter | None = None) -> None:
         self.settings = settings
+        # The service's group committer: recording times share its commits. Without
+        # one (a listener on its own), they go through our own connection.
+        self.committer = committer
+        self.time_write_failures = 0  # recording times that did not reach the log
         self.clock = clock
         self.observer = observer
         self.gate = gate  # closed while the withdrawal path is not verified
@@ -114,15 +134,14 @@ class RecordingListener:
                         "is not muted")
             return
         loop = asyncio.get_running_loop()
-        self._manager = Manager(
+        # Events skip panoramisk's parsing (ami.EventManager); a refused Filter only
+        # costs us reading the first line of the events we do not want.
+        self._manager = EventManager(
+            self._on_event, EVENTS,
             loop=loop, host=ami.host, port=ami.port, username=ami.username,
             secret=ami.password, events="call,user", encoding="utf8", reconnect_timeout=1,
             ping_delay=10, on_login=self._on_login, on_disconnect=self._on_disconnect,
-            protocol_factory=AmiProtocol,
         )
-        # One pattern, not one per event: panoramisk matches every pattern's regex
-        # against every event (Asterisk's Filter already keeps out the others).
-        self._manager.register_event("*", self._on_event)
         self._manager.connect()
         self._task = loop.create_task(self._run())
         if wait:
@@ -186,18 +205,17 @@ class RecordingListener:
         else:
             log.error("%s: recordings are not started until it works", reason)
 
+    @property
+    def events_dropped(self) -> int:
+        """Events that reached us but that we do not read (Asterisk's Filter should
+        have kept them out)."""
+        return self._manager.events_dropped if self._manager is not None else 0
+
     async def probe(self, token: str, timeout: float = 3.0) -> bool:
         """Send a UserEvent and wait until it comes back on our event stream."""
         return await self._probe.probe(self.action, token, timeout)
 
-    def _on_event(self, _manager: Manager, message: Mapping[str, Any]) -> None:
-        if message.get("Event") not in _WANTED:  # a refused Filter: we get everything
-            return
-        # panoramisk's Message keeps (key, value) pairs in _store: copying from there is
-        # a third of the cost of going through its MutableMapping methods.
-        store = getattr(message, "_store", None)
-        pairs = store.values() if isinstance(store, dict) else message.items()
-        event = {str(k): str(v) for k, v in pairs if k != "content"}
+    def _on_event(self, event: dict[str, str]) -> None:
         if self._probe.heard(event):
             return
         self._queue.put_nowait(("event", event, self.clock()))
@@ -255,12 +273,46 @@ class RecordingListener:
                 else:
                     log.info("recording of %s unmuted after %.1f s of hold", channel, seconds)
             case RecordingBegan(uniqueid=uid, at=at):
-                await self._db_call(lambda lg: lg.recording_started(uid, at))
+                await self._write_time("recording_started", uid, at)
             case RecordingEnded(uniqueid=uid, at=at):
-                await self._db_call(lambda lg: lg.recording_stopped(uid, at))
+                await self._write_time("recording_stopped", uid, at)
             case Withdrawn():
                 await self._withdrawn(command)
         await self._note(command)
+
+    async def _write_time(self, kind: str, uniqueid: str, at: float) -> None:
+        """A recording time: nobody waits for it, but it is never lost silently.
+
+        With the service's committer it joins the next batch of decision rows (one
+        fsync for all); a failure is logged and counted when the committer reports it.
+        """
+        if self.committer is None:
+            try:
+                await self._db_call(lambda lg: getattr(lg, kind)(uniqueid, at))
+            except ConsentivrError as exc:
+                self._time_failed(kind, uniqueid, exc)
+            return
+        loop = asyncio.get_running_loop()
+
+        def written(fut: concurrent.futures.Future[None]) -> None:  # on the writer thread
+            error = None if fut.cancelled() else fut.exception()
+            if error is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._time_failed, kind, uniqueid, error)
+
+        self.committer.submit(kind, (uniqueid, at), lazy=True).add_done_callback(written)
+
+    def _time_failed(self, kind: str, uniqueid: str, error: BaseException) -> None:
+        self.time_write_failures += 1
+        log.error("recording of %s: %s NOT written to the consent log: %s", uniqueid,
+                  kind.replace("_", " "), error)
+
+    async def _flush_times(self) -> None:
+        """Recording times still waiting for a batch go first: a withdrawal right
+        after the recording began must find its start time in the row."""
+        if self.committer is None:
+            return
+        with contextlib.suppress(Exception):  # a failed time is reported on its own
+            await asyncio.wrap_future(self.committer.flush())
 
     async def _withdrawn(self, w: Withdrawn) -> None:
         if w.channel:
@@ -274,6 +326,7 @@ class RecordingListener:
     async def _apply(self, key: str, by: str, at: float) -> None:
         by = by if by in ("caller", "agent") else "caller"
         settings = self.settings
+        await self._flush_times()
         try:
             result = await self._db_call(lambda lg: apply_withdrawal(
                 lg, settings.recordings.dir, key, by, at, settings.withdrawal.on_withdraw,

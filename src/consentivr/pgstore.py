@@ -36,7 +36,16 @@ from consentivr.errors import StoreError
 from consentivr.logschema import CALLS, PURGE_RUNS, create_table
 from consentivr.messages import DecisionRecord
 from consentivr.schemaversion import Schema, refusal, stamp
-from consentivr.store import GENESIS, CallerKey, chain_hash, personal_digest, public_row
+from consentivr.store import (
+    GENESIS,
+    RECORDING_STARTED_SQL,
+    RECORDING_STOPPED_SQL,
+    CallerKey,
+    chain_hash,
+    iso,
+    personal_digest,
+    public_row,
+)
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 # One advisory-lock key for the chain ("cIVR"), another for log redaction ("rIVR").
@@ -273,8 +282,6 @@ class PostgresConsentLog:
 
     def mark_recording(self, call_id: str, confirmed: bool, error: str | None,
                        at: float) -> None:
-        from consentivr.store import iso
-
         self._update(
             "UPDATE calls SET recording_confirmed=%s, recording_error=%s, "
             "recording_started_at=%s WHERE call_id=%s",
@@ -282,8 +289,6 @@ class PostgresConsentLog:
         )
 
     def void_late_consent(self, call_id: str, reason: str, at: float) -> None:
-        from consentivr.store import iso
-
         self._update(
             "UPDATE calls SET caller_number=NULL, "
             "personal_salt=CASE WHEN caller_number IS NULL THEN personal_salt ELSE NULL END, "
@@ -292,6 +297,12 @@ class PostgresConsentLog:
             "WHERE call_id=%s",
             (reason, iso(at), "system", call_id),
         )
+
+    def recording_started(self, uniqueid: str, at: float) -> None:
+        self._update(translate(RECORDING_STARTED_SQL), (iso(at), uniqueid))
+
+    def recording_stopped(self, uniqueid: str, at: float) -> None:
+        self._update(translate(RECORDING_STOPPED_SQL), (iso(at), uniqueid))
 
     def _update(self, sql: str, params: tuple[object, ...]) -> None:
         with self.transaction():

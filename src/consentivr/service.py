@@ -162,7 +162,8 @@ class Service:
         gate = self.gate
         if settings.ami is not None:
             # Withdrawal by key and hold muting happen outside our app, in both modes.
-            self.recording_listener = RecordingListener(settings, observer=metrics, gate=gate)
+            self.recording_listener = RecordingListener(
+                settings, observer=metrics, gate=gate, committer=self.committer)
             await self.recording_listener.start(wait=wait_connected)
             if wait_connected:
                 await self.recording_listener.checked.wait()

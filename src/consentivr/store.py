@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -69,6 +70,16 @@ CREATE INDEX IF NOT EXISTS calls_decided_at ON calls(decided_at);
 CREATE INDEX IF NOT EXISTS calls_uniqueid ON calls(uniqueid);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+# The recording times the AMI listener writes (``?`` placeholders; pgstore translates):
+# the caller's latest row, only if it was recorded and has not stopped yet.
+RECORDING_STARTED_SQL = (
+    "UPDATE calls SET recording_started_at=? WHERE seq=(SELECT max(seq) FROM calls "
+    "WHERE uniqueid=?) AND recording_confirmed=1 AND recording_stopped_at IS NULL")
+RECORDING_STOPPED_SQL = (
+    "UPDATE calls SET recording_stopped_at=? WHERE seq=(SELECT max(seq) FROM calls "
+    "WHERE uniqueid=?) AND recording_confirmed=1 AND recording_stopped_at IS NULL")
 
 
 def iso(epoch: float) -> str:
@@ -335,6 +346,14 @@ class ConsentLog:
             (reason, iso(at), "system", call_id),
         )
 
+    def recording_started(self, uniqueid: str, at: float) -> None:
+        """When the recorded caller was first connected to a person (see
+        :meth:`consentivr.withdrawal.RecordingLog.recording_started`)."""
+        self._update(RECORDING_STARTED_SQL, (iso(at), uniqueid))
+
+    def recording_stopped(self, uniqueid: str, at: float) -> None:
+        self._update(RECORDING_STOPPED_SQL, (iso(at), uniqueid))
+
     def _update(self, sql: str, params: tuple[object, ...]) -> None:
         try:
             with self.transaction():
@@ -384,12 +403,21 @@ def public_row(row: sqlite3.Row) -> dict[str, Any]:
 
 
 class GroupCommitter:
-    """One writer thread: concurrent calls' rows share one transaction and one fsync."""
+    """One writer thread: concurrent calls' rows share one transaction and one fsync.
 
-    def __init__(self, log_factory: Any, max_batch: int = 256) -> None:
+    A *lazy* write (:meth:`submit` with ``lazy=True``) is for what nobody waits on,
+    such as the recording times the AMI listener writes: it is held until the next
+    ordinary write and goes at the end of that batch, or, when none comes within
+    ``linger`` seconds, commits on its own. So it costs no transaction (no fsync)
+    of its own on a busy PBX. Its future still resolves only once it is durable
+    (or fails), and :meth:`flush` and :meth:`close` write it out at once.
+    """
+
+    def __init__(self, log_factory: Any, max_batch: int = 256, linger: float = 0.5) -> None:
         self._factory = log_factory
-        self._queue: queue.Queue[tuple[str, Any, Future[None]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Any, Future[None], bool] | None] = queue.Queue()
         self._max_batch = max_batch
+        self.linger = linger
         self._thread = threading.Thread(target=self._run, name="consent-log", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -398,10 +426,15 @@ class GroupCommitter:
         if self._error is not None:
             raise self._error
 
-    def submit(self, kind: str, payload: Any) -> Future[None]:
+    def submit(self, kind: str, payload: Any, lazy: bool = False) -> Future[None]:
         fut: Future[None] = Future()
-        self._queue.put((kind, payload, fut))
+        self._queue.put((kind, payload, fut, lazy))
         return fut
+
+    def flush(self) -> Future[None]:
+        """Resolves once every write submitted before it, lazy ones too, was tried
+        (a write that failed inside the batch is retried alone just after)."""
+        return self.submit(FLUSH, ())
 
     def close(self) -> None:
         self._queue.put(None)
@@ -415,21 +448,42 @@ class GroupCommitter:
             self._ready.set()
             return
         self._ready.set()
+        lazy: list[tuple[str, Any, Future[None]]] = []
+        deadline = 0.0  # when the oldest lazy write has waited long enough
         try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                batch = [item]
-                while len(batch) < self._max_batch:
+            closing = False
+            while not closing:
+                try:
+                    wait = max(0.0, deadline - time.monotonic()) if lazy else None
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:  # lingered long enough: the lazy writes go alone
+                    item = _NOTHING
+                batch: list[tuple[str, Any, Future[None]]] = []
+                while item is not _NOTHING:
+                    if item is None:
+                        closing = True
+                        break
+                    kind, payload, fut, is_lazy = item
+                    if is_lazy:
+                        if not lazy:
+                            deadline = time.monotonic() + self.linger
+                        lazy.append((kind, payload, fut))
+                    else:
+                        batch.append((kind, payload, fut))
+                    if len(batch) + len(lazy) >= self._max_batch:
+                        break
                     try:
-                        nxt = self._queue.get_nowait()
+                        item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if nxt is None:
-                        self._queue.put(None)
-                        break
-                    batch.append(nxt)
+                if not batch and lazy and not closing and item is not _NOTHING \
+                        and len(lazy) < self._max_batch:
+                    continue  # only lazy writes so far: wait for company
+                # Lazy writes go last, after the marks they may depend on.
+                batch += lazy
+                lazy = []
+                if not batch:
+                    continue
                 try:
                     self._write(log, batch)
                 except Exception as exc:  # the writer must outlive any one batch
@@ -457,7 +511,9 @@ class GroupCommitter:
             writes.append((functools.partial(_apply, log, "append_many", (appends,)),
                            [f for k, _, f in batch if k == "append"]))
         for kind, payload, fut in batch:
-            if kind != "append":
+            if kind == FLUSH:
+                writes.append((_nothing, [fut]))
+            elif kind != "append":
                 writes.append((functools.partial(_apply, log, kind, payload), [fut]))
         durable: list[Future[None]] = []
         retry: list[tuple[Callable[[], object], list[Future[None]]]] = []
@@ -499,6 +555,14 @@ class GroupCommitter:
             else:
                 for fut in futures:
                     _settle(fut)
+
+
+FLUSH = "flush"  # a write of nothing: resolves once what was queued before it is durable
+_NOTHING: Any = object()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _settle(fut: Future[None], error: BaseException | None = None) -> None:

@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from consentivr.errors import AmiError, ConsentivrError, StoreError
 from consentivr.recordingsdir import RecordingsDir, RecordingsUnavailable, UnsafePath
-from consentivr.store import iso, open_database, parse_iso
+from consentivr.store import (
+    RECORDING_STARTED_SQL,
+    RECORDING_STOPPED_SQL,
+    iso,
+    open_database,
+    parse_iso,
+)
 
 if TYPE_CHECKING:
     from consentivr.settings import Settings
@@ -81,6 +87,8 @@ class RecordingLog:
     """The consent log columns written after the decision: withdrawal and recording times.
 
     Short transactions on its own connection (WAL: the service's writer keeps going).
+    In the service only withdrawals and reads go here; the recording times share the
+    group committer's batches (:meth:`consentivr.store.ConsentLog.recording_started`).
     """
 
     def __init__(self, path: Path, conn: Any = None) -> None:
@@ -138,16 +146,10 @@ class RecordingLog:
         MixMonitor runs with option ``b``, so the time it was confirmed (written at
         the decision) is not when it began to record; this is.
         """
-        return self._write(
-            "UPDATE calls SET recording_started_at=? WHERE seq=(SELECT max(seq) FROM calls "
-            "WHERE uniqueid=?) AND recording_confirmed=1 AND recording_stopped_at IS NULL",
-            (iso(at), uniqueid)) > 0
+        return self._write(RECORDING_STARTED_SQL, (iso(at), uniqueid)) > 0
 
     def recording_stopped(self, uniqueid: str, at: float) -> bool:
-        return self._write(
-            "UPDATE calls SET recording_stopped_at=? WHERE seq=(SELECT max(seq) FROM calls "
-            "WHERE uniqueid=?) AND recording_confirmed=1 AND recording_stopped_at IS NULL",
-            (iso(at), uniqueid)) > 0
+        return self._write(RECORDING_STOPPED_SQL, (iso(at), uniqueid)) > 0
 
     def recorded_since(self, since: float) -> list[str]:
         """Uniqueids of calls recorded (and not withdrawn) that were decided after ``since``."""
