@@ -64,6 +64,20 @@ flows:
 """
 
 
+class CountsCommits(ConsentLog):
+    """A SQLite consent log that counts its COMMITs (a batch is one commit)."""
+
+    commits = 0
+
+    def count_commits(self) -> None:
+        self.commits = 0
+        self.conn.set_trace_callback(self._trace)
+
+    def _trace(self, sql: str) -> None:
+        if sql.strip().upper() == "COMMIT":
+            self.commits += 1
+
+
 def record(n: int, *, decided_at: float = T0, caller: str | None = "+31201234567",
            recording: str | None = None, recording_days: float = 90,
            callback: bool = False, callback_days: float = 30) -> DecisionRecord:

@@ -16,25 +16,20 @@ import pytest
 from consentivr.audit import verify_chain
 from consentivr.errors import StoreError
 from consentivr.store import CallerKey, ConsentLog, GroupCommitter
-from tests.rights_fixtures import record
+from tests.rights_fixtures import CountsCommits, record
 
 KEY = CallerKey(b"k")
 
 
-class GatedLog(ConsentLog):
+class GatedLog(CountsCommits):
     """A consent log whose ``hold`` write blocks the writer until released, so that
     the writes submitted meanwhile queue up and form one batch; it counts COMMITs."""
 
     def __init__(self, path: Path, entered: threading.Event, release: threading.Event) -> None:
         super().__init__(path, KEY)
         self.entered, self.release = entered, release
-        self.commits = 0
         self.fail_commit = False
-        self.conn.set_trace_callback(self._trace)
-
-    def _trace(self, sql: str) -> None:
-        if sql.strip().upper() == "COMMIT":
-            self.commits += 1
+        self.count_commits()
 
     def hold(self) -> None:
         self.entered.set()

@@ -23,21 +23,16 @@ from consentivr.errors import StoreError
 from consentivr.listener import RecordingListener
 from consentivr.store import ConsentLog, GroupCommitter, iso, parse_iso
 from consentivr.tracker import RecordingBegan, Withdrawn
-from tests.rights_fixtures import BACKENDS, Env, backend_env, record
+from tests.rights_fixtures import BACKENDS, CountsCommits, Env, backend_env, record
 
 
-class CountingLog(ConsentLog):
+class CountingLog(CountsCommits):
     """The SQLite log, counting COMMITs; ``fail`` makes recording_started fail."""
 
     def __init__(self, env: Env, fail: bool = False) -> None:
         super().__init__(env.db, env.key)
-        self.commits = 0
         self.fail = fail
-        self.conn.set_trace_callback(self._trace)
-
-    def _trace(self, sql: str) -> None:
-        if sql.strip().upper() == "COMMIT":
-            self.commits += 1
+        self.count_commits()
 
     def recording_started(self, uniqueid: str, at: float) -> None:
         if self.fail:
