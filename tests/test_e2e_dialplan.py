@@ -34,7 +34,7 @@ from consentivr.configfile import load_settings
 from consentivr.flow import Phase
 from consentivr.prompts import file_digest, read_manifest
 from consentivr_testbed.pbx import Pbx, PbxEndpoints
-from consentivr_testbed.testbed import Testbed, flow_yaml
+from consentivr_testbed.testbed import Testbed, flow_yaml, service_yaml
 
 pytestmark = pytest.mark.asterisk
 
@@ -80,21 +80,7 @@ def write_config(path: Path, endpoints: PbxEndpoints, workdir: Path, prompts_dir
                  dialplan_file: Path) -> Path:
     """A service config whose flows come from a dialplan file (``dialplan: [...]``)."""
     path.write_text(f"""\
-ari:
-  url: {endpoints.ari_url}
-  username: {endpoints.ari_user}
-  password: "{endpoints.ari_password}"
-  app: {APP}
-ami:
-  host: {endpoints.ami_host}
-  port: {endpoints.ami_port}
-  username: {endpoints.ami_user}
-  password: "{endpoints.ami_password}"
-database: {workdir / "consent.db"}
-recordings:
-  dir: {workdir / "recordings"}
-prompts_dir: {prompts_dir}
-dialplan: [{dialplan_file}]
+{service_yaml(endpoints, workdir, APP, prompts_dir)}dialplan: [{dialplan_file}]
 callers:
   default_region: NL
 """, encoding="utf-8")

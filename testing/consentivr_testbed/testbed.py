@@ -75,15 +75,11 @@ def dialplan_for_tests(app: str = "consentivr", agent_sound: str = "demo-congrat
     return TEST_DIALPLAN.replace("${APP}", app).replace("${AGENT_SOUND}", agent_sound)
 
 
-def write_config(
-    path: Path, endpoints: PbxEndpoints, workdir: Path, flows_yaml: str,
-    app: str = "consentivr", extra: str = "",
-) -> Path:
-    """A service config for this PBX; ``flows_yaml`` is the text under ``flows:``."""
-    indented = "\n".join("  " + line if line.strip() else line
-                         for line in flows_yaml.strip("\n").splitlines())
-    path.write_text(
-        f"""\
+def service_yaml(endpoints: PbxEndpoints, workdir: Path, app: str = "consentivr",
+                 prompts_dir: Path | None = None) -> str:
+    """The part of a service config every test needs: this PBX's ARI and AMI, and a
+    consent log, recordings dir and prompts dir under ``workdir``."""
+    return f"""\
 ari:
   url: {endpoints.ari_url}
   username: {endpoints.ari_user}
@@ -97,11 +93,19 @@ ami:
 database: {workdir / "consent.db"}
 recordings:
   dir: {workdir / "recordings"}
-prompts_dir: {workdir / "prompts"}
-{extra}
-flows:
-{indented}
-""",
+prompts_dir: {prompts_dir or workdir / "prompts"}
+"""
+
+
+def write_config(
+    path: Path, endpoints: PbxEndpoints, workdir: Path, flows_yaml: str,
+    app: str = "consentivr", extra: str = "",
+) -> Path:
+    """A service config for this PBX; ``flows_yaml`` is the text under ``flows:``."""
+    indented = "\n".join("  " + line if line.strip() else line
+                         for line in flows_yaml.strip("\n").splitlines())
+    path.write_text(
+        f"{service_yaml(endpoints, workdir, app)}{extra}\nflows:\n{indented}\n",
         encoding="utf-8",
     )
     return path
